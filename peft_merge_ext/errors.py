@@ -1,0 +1,51 @@
+"""The error hierarchy of peft-merge-ext: every error the package raises on purpose subclasses `PeftMergeExtError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterCompatibilityError",
+    "CombinationError",
+    "DuplicateCombinationTypeError",
+    "HubUploadError",
+    "MergeInputError",
+    "PeftMergeExtError",
+    "PluginError",
+    "ReservedCombinationTypeError",
+    "UnknownCombinationTypeError",
+]
+
+
+class PeftMergeExtError(Exception):
+    """Base class of all errors raised by peft-merge-ext."""
+
+
+class PluginError(PeftMergeExtError):
+    """A plugin registered something invalid (bad name, bad options, not callable...)."""
+
+
+class DuplicateCombinationTypeError(PluginError):
+    """Two plugins registered the same combination type name."""
+
+
+class ReservedCombinationTypeError(PluginError):
+    """A plugin tried to register a name that PEFT's own `add_weighted_adapter` already owns."""
+
+
+class UnknownCombinationTypeError(PeftMergeExtError, ValueError):
+    """The requested combination type is neither one of PEFT's nor a registered plugin type."""
+
+
+class MergeInputError(PeftMergeExtError, ValueError):
+    """The arguments of a merge are invalid (unknown adapter, bad weights, name taken, unknown option...)."""
+
+
+class AdapterCompatibilityError(MergeInputError):
+    """An input adapter has a feature the requested combination cannot represent (DoRA, lora_bias, ...)."""
+
+
+class CombinationError(PeftMergeExtError, ValueError):
+    """A combination function rejected its inputs or returned something unusable."""
+
+
+class HubUploadError(PeftMergeExtError, RuntimeError):
+    """An upload to the Hugging Face Hub failed; the message says where the local copy is kept."""

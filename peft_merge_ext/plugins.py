@@ -1,0 +1,335 @@
+"""Discovery and registry of combination types.
+
+Plugins are modules exposed through the `peft_merge_ext` entry-point group. They load lazily, once, on first use.
+The built-in types come through the very same path (the `builtin` entry point, also registered as a default plugin
+when the package runs from a source tree without installed metadata).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import (
+    DuplicateCombinationTypeError,
+    MergeInputError,
+    PluginError,
+    ReservedCombinationTypeError,
+)
+
+__all__ = [
+    "PEFT_COMBINATION_TYPES",
+    "CombinationType",
+    "PluginInfo",
+    "get_combination_types",
+    "get_plugin_manager",
+    "get_plugins",
+    "is_reserved_name",
+    "load_plugins",
+]
+
+ENTRY_POINT_GROUP = "peft_merge_ext"
+LOAD_PLUGINS_ENV = "PEFT_MERGE_EXT_LOAD_PLUGINS"
+DEFAULT_PLUGINS = {"builtin": "peft_merge_ext.builtin_types"}
+
+# The combination types owned by PEFT's own `LoraModel.add_weighted_adapter`.
+PEFT_COMBINATION_TYPES = frozenset(
+    {
+        "svd",
+        "linear",
+        "cat",
+        "ties",
+        "ties_svd",
+        "dare_ties",
+        "dare_linear",
+        "dare_ties_svd",
+        "dare_linear_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    }
+)
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def is_reserved_name(name: str) -> bool:
+    """Whether `name` belongs to PEFT's own combination types (or their `dare_*` / `*_svd` families)."""
+    return name in PEFT_COMBINATION_TYPES or name.startswith("dare_") or name.endswith("_svd")
+
+
+@dataclass(frozen=True)
+class CombinationType:
+    """A registered combination type.
+
+    Args:
+        name (`str`): The `combination_type` value users pass.
+        function (`Callable`): `function(deltas, weights, context, **options)`, see `peft_merge_ext.contract`.
+        description (`str`): One line shown by `peft-merge-ext plugins` and in model cards.
+        options (`Mapping[str, Any]`): The options the function accepts, with their defaults.
+        validate (`Callable`, *optional*): `validate(weights, options)`, called once before any work; raises on bad
+            input.
+        plugin (`str`): The name of the plugin that registered it.
+        distribution (`str`, *optional*): The distribution that ships the plugin.
+        version (`str`, *optional*): That distribution's version.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[list[float], dict[str, Any]], None] | None = None
+    plugin: str = ""
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def provider(self) -> str:
+        """`"plugin (distribution version)"`, for messages."""
+        if self.distribution:
+            return f"{self.plugin} ({self.distribution} {self.version or ''})".replace(" )", ")")
+        return self.plugin
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The options with defaults filled in; an unknown option raises `MergeInputError` naming the accepted ones."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            accepted = ", ".join(sorted(self.options)) or "none"
+            raise MergeInputError(
+                f"Unknown option(s) {', '.join(map(repr, unknown))} for combination_type={self.name!r}; "
+                f"it accepts: {accepted}."
+            )
+        return {**self.options, **given}
+
+    def check_weights(self, weights: list[float], options: Mapping[str, Any]) -> None:
+        """Run the type's own validation of `weights` and `options`."""
+        if self.validate is not None:
+            self.validate(weights, dict(options))
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A loaded plugin: its entry-point name, distribution, version, hooks and the types it registered."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+    types: tuple[str, ...]
+
+
+class Register:
+    """The callback handed to `register_combination_types`.
+
+    A plugin calls `register(name, function, description="...", options={...}, validate=None)`.
+    """
+
+    def __init__(self, plugin: str, distribution: str | None, version: str | None) -> None:
+        self._plugin, self._distribution, self._version = plugin, distribution, version
+        self.registered: list[CombinationType] = []
+
+    def __call__(
+        self,
+        name: str,
+        function: Callable[..., Any],
+        description: str = "",
+        options: Mapping[str, Any] | None = None,
+        validate: Callable[[list[float], dict[str, Any]], None] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+            raise PluginError(f"Combination type name {name!r} must be lowercase snake_case (e.g. 'model_stock').")
+        if is_reserved_name(name):
+            raise ReservedCombinationTypeError(
+                f"Combination type {name!r} is owned by PEFT's add_weighted_adapter; pick another name."
+            )
+        if not callable(function):
+            raise PluginError(f"The function registered for {name!r} is not callable: {function!r}.")
+        if validate is not None and not callable(validate):
+            raise PluginError(f"validate for {name!r} must be callable or None.")
+        description = " ".join(str(description).split())
+        self.registered.append(
+            CombinationType(
+                name=name,
+                function=function,
+                description=description,
+                options=MappingProxyType(dict(options or {})),
+                validate=validate,
+                plugin=self._plugin,
+                distribution=self._distribution,
+                version=self._version,
+            )
+        )
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.manager: pluggy.PluginManager | None = None
+        self.types: dict[str, CombinationType] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+
+
+_REGISTRY = _Registry()
+
+
+def _plugin_filter() -> set[str] | None:
+    value = os.environ.get(LOAD_PLUGINS_ENV)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _entry_points() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _warn_broken(name: str, distribution: str | None, error: BaseException, stage: str) -> None:
+    origin = f" from {distribution}" if distribution else ""
+    warnings.warn(
+        f"peft-merge-ext plugin {name!r}{origin} failed to {stage} and was skipped: "
+        f"{type(error).__name__}: {error}. Every other combination type still works; upgrade or uninstall it, or "
+        f"leave it out with {LOAD_PLUGINS_ENV}.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _collect(manager: pluggy.PluginManager, meta: dict[str, tuple[str | None, str | None]]) -> None:
+    types: dict[str, CombinationType] = {}
+    plugins: dict[str, PluginInfo] = {}
+    for name, plugin in list(manager.list_name_plugin()):
+        distribution, version = meta.get(name, (None, None))
+        register = Register(name, distribution, version)
+        hooks = tuple(sorted(caller.name for caller in manager.get_hookcallers(plugin) or []))
+        impls = [
+            impl for impl in manager.hook.register_combination_types.get_hookimpls() if impl.plugin_name == name
+        ]
+        try:
+            for impl in impls:
+                arguments = {"register": register}
+                impl.function(*[arguments[arg] for arg in impl.argnames])
+        except DuplicateCombinationTypeError:
+            raise
+        except Exception as error:
+            _warn_broken(name, distribution, error, "register its combination types")
+            manager.unregister(plugin)
+            continue
+        for combination in register.registered:
+            if combination.name in types:
+                other = types[combination.name]
+                raise DuplicateCombinationTypeError(
+                    f"Combination type {combination.name!r} is registered twice: by {other.provider} and by "
+                    f"{combination.provider}. Uninstall one of them or choose which plugins load with "
+                    f"{LOAD_PLUGINS_ENV}."
+                )
+        for combination in register.registered:
+            types[combination.name] = combination
+        plugins[name] = PluginInfo(name, distribution, version, hooks, tuple(c.name for c in register.registered))
+    _REGISTRY.types, _REGISTRY.plugins = types, plugins
+
+
+def load_plugins(reload: bool = False) -> pluggy.PluginManager:
+    """Load the plugins (once) and build the registry of combination types.
+
+    Args:
+        reload (`bool`, *optional*, defaults to `False`): Forget what was loaded and discover the plugins again (for
+            example after installing one in the running process, or changing `PEFT_MERGE_EXT_LOAD_PLUGINS`).
+
+    Returns:
+        `pluggy.PluginManager`: The plugin manager.
+    """
+    with _REGISTRY.lock:
+        if _REGISTRY.manager is not None and not reload:
+            return _REGISTRY.manager
+        manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        manager.add_hookspecs(hookspecs)
+        only = _plugin_filter()
+        meta: dict[str, tuple[str | None, str | None]] = {}
+        for entry_point in _entry_points():
+            builtin = entry_point.name in DEFAULT_PLUGINS
+            if manager.has_plugin(entry_point.name) or (only is not None and not builtin and entry_point.name not in only):
+                continue
+            dist = getattr(entry_point, "dist", None)
+            distribution = dist.metadata["Name"] if dist is not None else None
+            version = dist.version if dist is not None else None
+            try:
+                module = entry_point.load()
+                manager.register(module, name=entry_point.name)
+            except Exception as error:
+                _warn_broken(entry_point.name, distribution, error, "load")
+                continue
+            meta[entry_point.name] = (distribution, version)
+        for name, module_name in DEFAULT_PLUGINS.items():
+            if not manager.has_plugin(name):
+                manager.register(importlib.import_module(module_name), name=name)
+                meta[name] = ("peft-merge-ext", _own_version())
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as error:
+            offender = error.plugin
+            offender_name = manager.get_name(offender) or repr(offender)
+            _warn_broken(offender_name, meta.get(offender_name, (None, None))[0], error, "validate its hooks")
+            manager.unregister(offender)
+        _collect(manager, meta)
+        _REGISTRY.manager = manager
+        return manager
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager, loading plugins on first use."""
+    return load_plugins()
+
+
+def get_combination_types() -> Mapping[str, CombinationType]:
+    """The registered combination types, name -> `CombinationType` (read-only)."""
+    load_plugins()
+    return MappingProxyType(dict(_REGISTRY.types))
+
+
+def get_plugins() -> list[PluginInfo]:
+    """The loaded plugins with their distribution, version, hooks and types."""
+    load_plugins()
+    return list(_REGISTRY.plugins.values())
+
+
+def check_weights(weights: Any, count: int) -> list[float]:
+    """Validate the `weights` argument of a merge and return them as floats.
+
+    Raises:
+        `MergeInputError`: When the weights are not a list of `count` finite numbers.
+    """
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise MergeInputError(f"weights must be a list of numbers, one per adapter, got {weights!r}.")
+    if len(weights) != count:
+        raise MergeInputError(
+            f"Got {len(weights)} weight(s) for {count} adapter(s): pass exactly one weight per adapter."
+        )
+    result = []
+    for weight in weights:
+        if isinstance(weight, bool):
+            raise MergeInputError(f"weights must be numbers, got a bool ({weight!r}).")
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise MergeInputError(f"weights must be numbers, got {weight!r}.") from None
+        if not math.isfinite(value):
+            raise MergeInputError(f"weights must be finite, got {weight!r}.")
+        result.append(value)
+    return result
