@@ -19,9 +19,7 @@ from .hookspecs import hookimpl
 __all__ = ["average", "karcher", "register_combination_types", "resolve_t", "slerp", "weighted"]
 
 
-def _finish(
-    deltas: Sequence[LowRankDelta], coefficients: Sequence[float], context: ModuleContext
-) -> LowRankDelta:
+def _finish(deltas: Sequence[LowRankDelta], coefficients: Sequence[float], context: ModuleContext) -> LowRankDelta:
     merged, stats = linear_combination(deltas, coefficients, context.svd_rank)
     context.record(rank=stats.rank, numerical_rank=stats.numerical_rank, energy_kept=stats.energy_kept)
     return merged
@@ -86,7 +84,7 @@ def _interpolate_anchors(anchors: Sequence[float], position: float | None) -> fl
     if position is None:
         return float(anchors[0])
     scaled = position * (len(anchors) - 1)
-    low = min(int(math.floor(scaled)), len(anchors) - 2)
+    low = min(math.floor(scaled), len(anchors) - 2)
     fraction = scaled - low
     return float(anchors[low]) * (1.0 - fraction) + float(anchors[low + 1]) * fraction
 

@@ -29,7 +29,14 @@ from .lora_layers import (
 from .plugins import CombinationType, check_weights, get_combination_types
 from .report import MergeReport, ModuleReport
 
-__all__ = ["CombinationRequest", "MergedModule", "add_combined_adapter", "combine_adapters", "prepare_request"]
+__all__ = [
+    "CombinationRequest",
+    "MergedModule",
+    "add_combined_adapter",
+    "combine_adapters",
+    "combine_factors",
+    "prepare_request",
+]
 
 # PEFT keyword arguments that only PEFT's own types use, with their defaults.
 PEFT_ONLY_ARGUMENTS = {
@@ -120,7 +127,9 @@ def prepare_request(
     adapters = list(adapters)
     duplicates = [name for name, count in Counter(adapters).items() if count > 1]
     if duplicates:
-        raise MergeInputError(f"Adapter(s) {duplicates} appear more than once; give each adapter once with its weight.")
+        raise MergeInputError(
+            f"Adapter(s) {duplicates} appear more than once; give each adapter once with its weight."
+        )
     missing = [name for name in adapters if name not in peft_config]
     if missing:
         raise MergeInputError(
@@ -183,6 +192,38 @@ def _as_factors(result: Any, shape: tuple[int, int], context: ModuleContext, nam
     return delta
 
 
+def combine_factors(
+    request: CombinationRequest,
+    deltas: list[LowRankDelta],
+    name: str,
+    layer_index: int | None = None,
+    num_layers: int | None = None,
+) -> tuple[LowRankDelta, dict[str, Any]]:
+    """Combine one module's input deltas (canonical factors, one per adapter, zeros where absent) with the
+    request's type, weights and options.
+
+    This is the single place a combination function is called: the PEFT patch, `save_merged` and the out-of-core
+    `merge_checkpoint` all go through it.
+
+    Returns:
+        `tuple[LowRankDelta, dict]`: The merged factors (rank at most `svd_rank`) and the module's statistics.
+    """
+    combination = request.combination
+    shape = deltas[0].shape
+    context = ModuleContext(name, layer_index, num_layers, request.svd_rank)
+    try:
+        result = combination.function(list(deltas), list(request.weights), context, **request.options)
+    except (CombinationError, MergeInputError):
+        raise
+    except Exception as error:
+        raise CombinationError(
+            f"combination_type={combination.name!r} (from {combination.provider}) failed on {name!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    delta = _as_factors(result, shape, context, combination.name)
+    return delta, dict(context.stats)
+
+
 def combine_adapters(model: torch.nn.Module, request: CombinationRequest) -> tuple[list[MergedModule], MergeReport]:
     """Compute the merged factors of every module touched by the request. Reads the model, never modifies it.
 
@@ -215,18 +256,8 @@ def combine_adapters(model: torch.nn.Module, request: CombinationRequest) -> tup
                 zeros = torch.zeros(out_features, 1, dtype=compute_dtype, device=device)
                 delta = LowRankDelta(zeros, torch.zeros(1, in_features, dtype=compute_dtype, device=device))
             deltas.append(delta)
-        context = ModuleContext(info.name, info.layer_index, num_layers, request.svd_rank)
-        try:
-            result = combination.function(deltas, list(request.weights), context, **request.options)
-        except (CombinationError, MergeInputError):
-            raise
-        except Exception as error:
-            raise CombinationError(
-                f"combination_type={combination.name!r} (from {combination.provider}) failed on {info.name!r}: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        delta = _as_factors(result, (out_features, in_features), context, combination.name)
-        merged.append(MergedModule(info, delta, storage_dtype, dict(context.stats)))
+        delta, stats = combine_factors(request, deltas, info.name, info.layer_index, num_layers)
+        merged.append(MergedModule(info, delta, storage_dtype, stats))
     report = MergeReport(
         combination_type=combination.name,
         adapters=list(request.adapters),

@@ -90,9 +90,7 @@ def _numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> in
     return int((singular_values > tolerance).sum())
 
 
-def compress(
-    B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None
-) -> tuple[LowRankDelta, CompressionStats]:
+def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> tuple[LowRankDelta, CompressionStats]:
     """Re-factorize `B @ A` to its exact numerical rank, or to the optimal rank `max_rank` if that is lower.
 
     The tolerance is numpy's `matrix_rank` rule: singular values at most `S_max * max(out, in) * eps(dtype)` are
@@ -140,7 +138,7 @@ def linear_combination(
     """
     if len(deltas) != len(coefficients):
         raise ValueError(f"Got {len(deltas)} deltas but {len(coefficients)} coefficients.")
-    stacked_b = torch.cat([delta.B * float(c) for delta, c in zip(deltas, coefficients)], dim=1)
+    stacked_b = torch.cat([delta.B * float(c) for delta, c in zip(deltas, coefficients, strict=False)], dim=1)
     stacked_a = torch.cat([delta.A for delta in deltas], dim=0)
     return compress(stacked_b, stacked_a, max_rank)
 

@@ -87,7 +87,9 @@ def check_supported(info: LoraModuleInfo, adapter: str) -> None:
             f"Adapter {adapter!r} has lora_bias=True at {info.name!r}; its bias update cannot be expressed as "
             "low-rank factors. Retrain with lora_bias=False or use merge_and_unload on that adapter alone."
         )
-    if adapter in getattr(module, "lora_A", {}) and not isinstance(module.lora_A[adapter], (nn.Linear, nn.modules.conv._ConvNd)):
+    if adapter in getattr(module, "lora_A", {}) and not isinstance(
+        module.lora_A[adapter], (nn.Linear, nn.modules.conv._ConvNd)
+    ):
         raise AdapterCompatibilityError(
             f"Adapter {adapter!r} at {info.name!r} has an unsupported LoRA layer ({type(module.lora_A[adapter]).__name__})."
         )

@@ -212,9 +212,7 @@ def _collect(manager: pluggy.PluginManager, meta: dict[str, tuple[str | None, st
         distribution, version = meta.get(name, (None, None))
         register = Register(name, distribution, version)
         hooks = tuple(sorted(caller.name for caller in manager.get_hookcallers(plugin) or []))
-        impls = [
-            impl for impl in manager.hook.register_combination_types.get_hookimpls() if impl.plugin_name == name
-        ]
+        impls = [impl for impl in manager.hook.register_combination_types.get_hookimpls() if impl.plugin_name == name]
         try:
             for impl in impls:
                 arguments = {"register": register}
@@ -258,7 +256,9 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
         meta: dict[str, tuple[str | None, str | None]] = {}
         for entry_point in _entry_points():
             builtin = entry_point.name in DEFAULT_PLUGINS
-            if manager.has_plugin(entry_point.name) or (only is not None and not builtin and entry_point.name not in only):
+            if manager.has_plugin(entry_point.name) or (
+                only is not None and not builtin and entry_point.name not in only
+            ):
                 continue
             dist = getattr(entry_point, "dist", None)
             distribution = dist.metadata["Name"] if dist is not None else None

@@ -15,15 +15,15 @@ warnings.filterwarnings("ignore", message="Adapter name .* should not be contain
 def tiny_llama_config(num_layers: int = 2, **overrides):
     from transformers import LlamaConfig
 
-    values = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    values = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
     values.update(overrides)
     return LlamaConfig(**values)
 
