@@ -47,7 +47,8 @@ def average(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: M
 def _check_non_negative(name: str, weights: list[float]) -> None:
     if any(w < 0 for w in weights):
         raise MergeInputError(
-            f"combination_type={name!r} needs non-negative weights, got {weights}; use 'weighted' to subtract adapters."
+            f"combination_type={name!r} needs non-negative weights, got {weights}; use 'weighted' to subtract "
+            "adapters."
         )
     if not any(w > 0 for w in weights):
         raise MergeInputError(f"combination_type={name!r} needs at least one positive weight, got {weights}.")

@@ -82,8 +82,8 @@ def check_adapter_configs(peft_config: Mapping[str, Any], adapters: Sequence[str
         config = peft_config[adapter]
         if type(config) is not lora_config:
             raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only LoRA adapters "
-                "can be combined."
+                f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only "
+                "LoRA adapters can be combined."
             )
         if getattr(config, "use_dora", False):
             raise AdapterCompatibilityError(

@@ -79,8 +79,8 @@ def check_supported(info: LoraModuleInfo, adapter: str) -> None:
     if variant is not None or getattr(module, "use_dora", {}).get(adapter, False):
         name = type(variant).__name__ if variant is not None else "DoRA"
         raise AdapterCompatibilityError(
-            f"Adapter {adapter!r} uses a LoRA variant ({name}) at {info.name!r}: its update is not B @ A, so it cannot "
-            "be combined exactly. Use PEFT's own combination types, or merge it into the base first."
+            f"Adapter {adapter!r} uses a LoRA variant ({name}) at {info.name!r}: its update is not B @ A, so it "
+            "cannot be combined exactly. Use PEFT's own combination types, or merge it into the base first."
         )
     if getattr(module, "lora_bias", {}).get(adapter, False):
         raise AdapterCompatibilityError(
@@ -91,7 +91,8 @@ def check_supported(info: LoraModuleInfo, adapter: str) -> None:
         module.lora_A[adapter], (nn.Linear, nn.modules.conv._ConvNd)
     ):
         raise AdapterCompatibilityError(
-            f"Adapter {adapter!r} at {info.name!r} has an unsupported LoRA layer ({type(module.lora_A[adapter]).__name__})."
+            f"Adapter {adapter!r} at {info.name!r} has an unsupported LoRA layer "
+            f"({type(module.lora_A[adapter]).__name__})."
         )
     if info.kind == "conv" and module.get_base_layer().groups > 1:
         raise AdapterCompatibilityError(
@@ -101,7 +102,7 @@ def check_supported(info: LoraModuleInfo, adapter: str) -> None:
 
 
 def read_factors(info: LoraModuleInfo, adapter: str, dtype: torch.dtype) -> LowRankDelta | None:
-    """The canonical factors of `adapter` at this module, scaling folded into `B`, cast to `dtype`; `None` if absent."""
+    """The canonical factors of `adapter` here, scaling folded into `B`, cast to `dtype`; `None` if absent."""
     module = info.module
     if adapter in getattr(module, "lora_embedding_A", {}):
         a = module.lora_embedding_A[adapter]

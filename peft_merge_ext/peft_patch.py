@@ -72,7 +72,8 @@ def _plugin_weighted_adapter(
     types = get_combination_types()
     if combination_type not in types:
         raise UnknownCombinationTypeError(
-            f"Unknown combination_type {combination_type!r}. PEFT's types: {', '.join(sorted(PEFT_COMBINATION_TYPES))}."
+            f"Unknown combination_type {combination_type!r}. "
+            f"PEFT's types: {', '.join(sorted(PEFT_COMBINATION_TYPES))}."
             f" Plugin types: {', '.join(sorted(types)) or 'none'} (see `peft-merge-ext plugins`)."
         )
     peft_arguments = {
