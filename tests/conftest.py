@@ -7,6 +7,11 @@ import warnings
 
 import pytest
 
+# Hub: before anything imports huggingface_hub, point HF_ENDPOINT at a local port (the `hub_server` fixture serves a
+# fake Hub there) and stay offline by default; the fixture turns offline mode off for the tests that use it.
+from hub_server import hub_server, reserve_hub_endpoint  # noqa: F401  (registers the `hub_server` fixture)
+
+reserve_hub_endpoint()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix")
