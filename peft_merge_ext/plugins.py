@@ -37,6 +37,7 @@ __all__ = [
     "get_plugins",
     "is_reserved_name",
     "load_plugins",
+    "run_hook",
 ]
 
 ENTRY_POINT_GROUP = "peft_merge_ext"
@@ -60,11 +61,33 @@ PEFT_COMBINATION_TYPES = frozenset(
     }
 )
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+# The parameters of PEFT's `add_weighted_adapter`: an option with one of these names could never reach a plugin.
+RESERVED_OPTION_NAMES = frozenset(
+    {
+        "self",
+        "adapters",
+        "weights",
+        "adapter_name",
+        "combination_type",
+        "svd_rank",
+        "svd_clamp",
+        "svd_full_matrices",
+        "svd_driver",
+        "density",
+        "majority_sign_method",
+    }
+)
 
 
 def is_reserved_name(name: str) -> bool:
     """Whether `name` belongs to PEFT's own combination types (or their `dare_*` / `*_svd` families)."""
     return name in PEFT_COMBINATION_TYPES or name.startswith("dare_") or name.endswith("_svd")
+
+
+def _describe_provider(plugin: str, distribution: str | None, version: str | None) -> str:
+    if distribution:
+        return f"{plugin} ({distribution} {version or ''})".replace(" )", ")")
+    return plugin
 
 
 @dataclass(frozen=True)
@@ -95,9 +118,7 @@ class CombinationType:
     @property
     def provider(self) -> str:
         """`"plugin (distribution version)"`, for messages."""
-        if self.distribution:
-            return f"{self.plugin} ({self.distribution} {self.version or ''})".replace(" )", ")")
-        return self.plugin
+        return _describe_provider(self.plugin, self.distribution, self.version)
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The options with defaults filled in; an unknown option raises `MergeInputError` naming the accepted ones."""
@@ -155,13 +176,28 @@ class Register:
             raise PluginError(f"The function registered for {name!r} is not callable: {function!r}.")
         if validate is not None and not callable(validate):
             raise PluginError(f"validate for {name!r} must be callable or None.")
+        options = dict(options or {})
+        for option in options:
+            if not isinstance(option, str) or not option.isidentifier():
+                raise PluginError(f"Option {option!r} of {name!r} must be a valid Python identifier.")
+            if option in RESERVED_OPTION_NAMES:
+                raise PluginError(
+                    f"Option {option!r} of {name!r} is an argument of PEFT's add_weighted_adapter and would never "
+                    "reach the combination function; rename it."
+                )
+        if any(existing.name == name for existing in self.registered):
+            provider = _describe_provider(self._plugin, self._distribution, self._version)
+            raise PluginError(  # a bug of this plugin alone: it is skipped with a warning, like any broken plugin
+                f"Combination type {name!r} is registered twice by the same plugin, {provider}; register each name "
+                "once."
+            )
         description = " ".join(str(description).split())
         self.registered.append(
             CombinationType(
                 name=name,
                 function=function,
                 description=description,
-                options=MappingProxyType(dict(options or {})),
+                options=MappingProxyType(options),
                 validate=validate,
                 plugin=self._plugin,
                 distribution=self._distribution,
@@ -217,8 +253,6 @@ def _collect(manager: pluggy.PluginManager, meta: dict[str, tuple[str | None, st
             for impl in impls:
                 arguments = {"register": register}
                 impl.function(*[arguments[arg] for arg in impl.argnames])
-        except DuplicateCombinationTypeError:
-            raise
         except Exception as error:
             _warn_broken(name, distribution, error, "register its combination types")
             manager.unregister(plugin)
@@ -250,19 +284,38 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
     with _REGISTRY.lock:
         if _REGISTRY.manager is not None and not reload:
             return _REGISTRY.manager
+        # Forget the previous state first: a load that raises (duplicate names) must not leave a stale registry
+        # behind, so that every later call raises again until the conflict is resolved.
+        _REGISTRY.manager, _REGISTRY.types, _REGISTRY.plugins = None, {}, {}
         manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         manager.add_hookspecs(hookspecs)
         only = _plugin_filter()
         meta: dict[str, tuple[str | None, str | None]] = {}
-        for entry_point in _entry_points():
-            builtin = entry_point.name in DEFAULT_PLUGINS
-            if manager.has_plugin(entry_point.name) or (
-                only is not None and not builtin and entry_point.name not in only
-            ):
+        entry_points = _entry_points()
+        unknown = sorted((only or set()) - {entry_point.name for entry_point in entry_points})
+        if unknown:
+            warnings.warn(
+                f"{LOAD_PLUGINS_ENV} names plugin(s) that are not installed: {', '.join(unknown)}. Installed: "
+                f"{', '.join(sorted({ep.name for ep in entry_points} - set(DEFAULT_PLUGINS))) or 'none'}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        for entry_point in entry_points:
+            builtin = DEFAULT_PLUGINS.get(entry_point.name) == entry_point.value
+            if only is not None and not builtin and entry_point.name not in only:
                 continue
             dist = getattr(entry_point, "dist", None)
             distribution = dist.metadata["Name"] if dist is not None else None
             version = dist.version if dist is not None else None
+            if manager.has_plugin(entry_point.name) or (entry_point.name in DEFAULT_PLUGINS and not builtin):
+                taken_by = meta.get(entry_point.name, ("peft-merge-ext", None))[0]
+                _warn_broken(
+                    entry_point.name,
+                    distribution,
+                    PluginError(f"the plugin name {entry_point.name!r} is already taken by {taken_by}"),
+                    "load",
+                )
+                continue
             try:
                 module = entry_point.load()
                 manager.register(module, name=entry_point.name)
@@ -274,13 +327,16 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
             if not manager.has_plugin(name):
                 manager.register(importlib.import_module(module_name), name=name)
                 meta[name] = ("peft-merge-ext", _own_version())
-        try:
-            manager.check_pending()
-        except pluggy.PluginValidationError as error:
-            offender = error.plugin
-            offender_name = manager.get_name(offender) or repr(offender)
-            _warn_broken(offender_name, meta.get(offender_name, (None, None))[0], error, "validate its hooks")
-            manager.unregister(offender)
+        while True:  # check_pending reports one offending plugin at a time
+            try:
+                manager.check_pending()
+                break
+            except pluggy.PluginValidationError as error:
+                offender = error.plugin
+                offender_name = manager.get_name(offender) or repr(offender)
+                _warn_broken(offender_name, meta.get(offender_name, (None, None))[0], error, "validate its hooks")
+                manager.unregister(offender)
+                meta.pop(offender_name, None)
         _collect(manager, meta)
         _REGISTRY.manager = manager
         return manager
@@ -307,6 +363,33 @@ def get_plugins() -> list[PluginInfo]:
     """The loaded plugins with their distribution, version, hooks and types."""
     load_plugins()
     return list(_REGISTRY.plugins.values())
+
+
+def run_hook(name: str, **arguments: Any) -> list[Any]:
+    """Call every plugin's implementation of hook `name` (in pluggy's order: the last registered first).
+
+    Unlike calling `get_plugin_manager().hook.<name>(...)` directly, a plugin whose implementation raises does not
+    break the caller: it gets one `RuntimeWarning` naming it and the other implementations still run.
+
+    Args:
+        name (`str`): The hook, e.g. `"extend_model_card"`.
+        **arguments: The hook's arguments by name; each implementation receives the ones it asks for.
+
+    Returns:
+        `list`: The results of the implementations that returned something other than `None`.
+    """
+    manager = load_plugins()
+    results = []
+    for impl in reversed(getattr(manager.hook, name).get_hookimpls()):
+        try:
+            result = impl.function(*[arguments[argument] for argument in impl.argnames])
+        except Exception as error:
+            info = _REGISTRY.plugins.get(impl.plugin_name)
+            _warn_broken(impl.plugin_name, info.distribution if info else None, error, f"run its {name} hook")
+            continue
+        if result is not None:
+            results.append(result)
+    return results
 
 
 def check_weights(weights: Any, count: int) -> list[float]:
