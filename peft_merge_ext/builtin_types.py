@@ -30,6 +30,14 @@ def weighted(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: 
     return _finish(deltas, weights, context)
 
 
+def _validate_weighted(weights: list[float], options: dict[str, Any]) -> None:
+    if not any(weights):
+        raise MergeInputError(
+            f"combination_type='weighted' got weights that are all 0 ({weights}): the merged adapter would be zero. "
+            "Give at least one non-zero weight."
+        )
+
+
 def _validate_average(weights: list[float], options: dict[str, Any]) -> None:
     if math.isclose(sum(weights), 0.0, abs_tol=1e-12):
         raise MergeInputError(
@@ -164,7 +172,12 @@ def karcher(
 @hookimpl
 def register_combination_types(register: Any) -> None:
     """Register `weighted`, `average`, `slerp` and `karcher`."""
-    register("weighted", weighted, description="Exact weighted sum of the deltas, sum(w_i * B_i A_i).")
+    register(
+        "weighted",
+        weighted,
+        description="Exact weighted sum of the deltas, sum(w_i * B_i A_i).",
+        validate=_validate_weighted,
+    )
     register(
         "average",
         average,

@@ -83,18 +83,20 @@ def gram_matrix(deltas: Sequence[LowRankDelta]) -> torch.Tensor:
     return gram
 
 
-def _numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
+def _numerical_rank(singular_values: torch.Tensor, size: int, scale: float) -> int:
     if singular_values.numel() == 0 or singular_values[0] <= 0:
         return 0
-    tolerance = singular_values[0] * max(shape) * torch.finfo(singular_values.dtype).eps
+    tolerance = max(float(singular_values[0]), scale) * size * torch.finfo(singular_values.dtype).eps
     return int((singular_values > tolerance).sum())
 
 
 def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> tuple[LowRankDelta, CompressionStats]:
     """Re-factorize `B @ A` to its exact numerical rank, or to the optimal rank `max_rank` if that is lower.
 
-    The tolerance is numpy's `matrix_rank` rule: singular values at most `S_max * max(out, in) * eps(dtype)` are
-    treated as zero. Cost: `O((out + in) R^2 + R^3)` for `R = B.shape[1]`; `out x in` is never formed.
+    The tolerance is numpy's `matrix_rank` rule, `S_max * max(out, in, R) * eps(dtype)`, with `S_max` raised to
+    `|B|_2 |A|_2` (the scale of the rounding error of the factored product): singular values at most that are treated
+    as zero, so that cancellations (such as `D - D`) give rank 0 as a dense computation would, not rank-R noise.
+    Cost: `O((out + in) R^2 + R^3)` for `R = B.shape[1]`; `out x in` is never formed.
 
     Args:
         B (`torch.Tensor`): Left factor `(out, R)`.
@@ -112,7 +114,9 @@ def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> t
     q_a, r_a = torch.linalg.qr(A.T)  # A = R_a^T Q_a^T
     core = r_b @ r_a.T
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    numerical_rank = _numerical_rank(s, (out_features, in_features))
+    # |B|_2 |A|_2 (= |R_b|_2 |R_a|_2) bounds the size of the rounding error of the factored product.
+    scale = float(torch.linalg.matrix_norm(r_b, ord=2) * torch.linalg.matrix_norm(r_a, ord=2)) if s.numel() else 0.0
+    numerical_rank = _numerical_rank(s, max(out_features, in_features, B.shape[1]), scale)
     rank = numerical_rank if max_rank is None else min(numerical_rank, max_rank)
     total_energy = float((s[:numerical_rank] ** 2).sum())
     if rank == 0:
