@@ -1,4 +1,5 @@
-"""Automatic activation: install the PEFT patch as soon as peft's LoRA model module is imported.
+"""Automatic activation: install the PEFT patch as soon as peft's LoRA model module is imported, and add
+`save_merged` / `push_merged` as soon as `peft.peft_model` or `transformers.modeling_utils` is.
 
 This module runs at interpreter start-up (through the `.pth` file the wheel ships), so it imports nothing but `os`
 and `sys`: no torch, no peft, no pluggy. Set `PEFT_MERGE_EXT_DISABLE=1` to turn automatic activation off; an
@@ -11,6 +12,8 @@ import os
 import sys
 
 TARGET_MODULE = "peft.tuners.lora.model"
+# Modules after whose import the patch (re)runs: it patches whatever of them is loaded by then.
+TARGET_MODULES = (TARGET_MODULE, "peft.peft_model", "transformers.modeling_utils")
 DISABLE_ENV = "PEFT_MERGE_EXT_DISABLE"
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -22,9 +25,9 @@ def is_disabled() -> bool:
 
 def _install_quietly() -> None:
     try:
-        from .peft_patch import install
+        from .peft_patch import install_loaded
 
-        install()
+        install_loaded()
     except Exception as error:  # a broken patch must never break `import peft`
         import warnings
 
@@ -56,10 +59,10 @@ class _InstallAfterExec:
 
 
 class PeftImportWatcher:
-    """A `sys.meta_path` finder that only reacts to `peft.tuners.lora.model` and defers to the other finders."""
+    """A `sys.meta_path` finder that only reacts to the `TARGET_MODULES` and defers to the other finders."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
-        if fullname != TARGET_MODULE:
+        if fullname not in TARGET_MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or isinstance(finder, PeftImportWatcher):
@@ -74,9 +77,10 @@ class PeftImportWatcher:
 
 
 def register_watcher() -> None:
-    """Install the patch now if peft's LoRA model module is loaded, else watch for its import (idempotent)."""
-    if TARGET_MODULE in sys.modules:
+    """Patch what is loaded now and watch for the import of the rest of the `TARGET_MODULES` (idempotent)."""
+    if any(name in sys.modules for name in TARGET_MODULES):
         _install_quietly()
+    if all(name in sys.modules for name in TARGET_MODULES):
         return
     if not any(isinstance(finder, PeftImportWatcher) for finder in sys.meta_path):
         sys.meta_path.insert(0, PeftImportWatcher())

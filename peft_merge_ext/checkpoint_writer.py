@@ -1,8 +1,10 @@
 """Streaming, sharded safetensors output written into an atomic output folder.
 
-`ShardedSafetensorsWriter` keeps at most one shard's worth of tensors in memory: tensors are added one at a time and
-a shard file is written as soon as the next tensor would overflow it. `atomic_directory` builds a folder under a
-temporary name next to its destination and renames it into place only when the block finishes without error.
+`ShardedSafetensorsWriter` streams: each tensor's bytes go to disk as soon as it is added (into a spool file beside
+the shard), so the writer holds no tensor in memory whatever `max_shard_size` is; a shard file (safetensors header,
+then the spooled bytes, copied by the kernel) is finished as soon as the next tensor would overflow it.
+`atomic_directory` builds a folder under a temporary name next to its destination and renames it into place only when
+the block finishes without error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,9 @@ def parse_size(size: int | str) -> int:
 class ShardedSafetensorsWriter:
     """Write tensors one by one into `model-0000x-of-0000N.safetensors` shards plus an index (or one file).
 
+    Memory stays bounded by one tensor: `add` writes the tensor's bytes to a spool file at once and keeps only its
+    header entry (name, dtype, shape, offsets).
+
     Args:
         directory (`str` or `os.PathLike`): Where the shards go (usually the temporary folder of
             `atomic_directory`).
@@ -53,36 +59,54 @@ class ShardedSafetensorsWriter:
         self.directory = Path(directory)
         self.max_shard_size = parse_size(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, Any] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
         self._pending_bytes = 0
+        self._spool: Any = None
         self._shards: list[tuple[str, list[str]]] = []
         self._names: set[str] = set()
         self.total_size = 0
         self._finished = False
 
     def add(self, name: str, tensor: Any) -> None:
-        """Queue one tensor; flushes the current shard first when this tensor would overflow it."""
+        """Write one tensor's bytes to disk now; first finishes the current shard if this tensor would overflow it."""
         if self._finished:
             raise RuntimeError("This writer is finished.")
         if name in self._names:
             raise ValueError(f"Tensor {name!r} was added twice.")
+        dtype = _safetensors_dtype(tensor)
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_size:
+        if self._entries and self._pending_bytes + size > self.max_shard_size:
             self._flush()
+        if self._spool is None:
+            self._spool = open(self.directory / f".shard-{len(self._shards) + 1:05d}.spool", "wb")  # noqa: SIM115
+        data = tensor.detach().to("cpu").contiguous()
+        self._spool.write(data.reshape(-1).view(_uint8()).numpy().data)
         self._names.add(name)
-        self._pending[name] = tensor.detach().contiguous()
+        self._entries[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [self._pending_bytes, self._pending_bytes + size],
+        }
         self._pending_bytes += size
         self.total_size += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+        if not self._entries:
             return
+        spool_path = Path(self._spool.name)
+        self._spool.close()
+        self._spool = None
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
         temporary_name = f"shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(self.directory / temporary_name), metadata=self.metadata)
-        self._shards.append((temporary_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        with open(self.directory / temporary_name, "wb") as shard, open(spool_path, "rb") as spool:
+            shard.write(struct.pack("<Q", len(header)))
+            shard.write(header)
+            shard.flush()
+            _copy_file(spool, shard, self._pending_bytes)
+        spool_path.unlink()
+        self._shards.append((temporary_name, list(self._entries)))
+        self._entries, self._pending_bytes = {}, 0
 
     def finish(self) -> list[str]:
         """Write the last shard, give the shards their final names and write the index when there are several.
@@ -108,6 +132,64 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return [*files, SAFE_WEIGHTS_INDEX_NAME]
+
+    def close(self) -> None:
+        """Drop an unfinished spool file (after an error); the folder itself is cleaned by `atomic_directory`."""
+        if self._spool is not None:
+            self._spool.close()
+            Path(self._spool.name).unlink(missing_ok=True)
+            self._spool = None
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def _safetensors_dtype(tensor: Any) -> str:
+    import torch
+
+    names = {
+        "float64": "F64",
+        "float32": "F32",
+        "float16": "F16",
+        "bfloat16": "BF16",
+        "float8_e4m3fn": "F8_E4M3",
+        "float8_e5m2": "F8_E5M2",
+        "int64": "I64",
+        "int32": "I32",
+        "int16": "I16",
+        "int8": "I8",
+        "uint64": "U64",
+        "uint32": "U32",
+        "uint16": "U16",
+        "uint8": "U8",
+        "bool": "BOOL",
+    }
+    code = names.get(str(tensor.dtype).removeprefix("torch."))
+    if code is None or not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"Cannot write a tensor of dtype {tensor.dtype} to safetensors.")
+    if tensor.is_sparse or tensor.device.type == "meta":
+        raise ValueError(f"Cannot write a {tensor.layout} tensor on device {tensor.device} (no data) to safetensors.")
+    return code
+
+
+def _copy_file(source: Any, target: Any, length: int) -> None:
+    """Append `length` bytes of `source` to `target` without holding them in memory (kernel copy when possible)."""
+    copied = 0
+    copy_file_range = getattr(os, "copy_file_range", None)
+    if copy_file_range is not None:
+        with contextlib.suppress(OSError):
+            while copied < length:
+                step = copy_file_range(source.fileno(), target.fileno(), length - copied)
+                if step == 0:
+                    break
+                copied += step
+    if copied < length:
+        source.seek(copied)
+        target.seek(0, os.SEEK_END)
+        shutil.copyfileobj(source, target, 16 * 2**20)
 
 
 @contextlib.contextmanager

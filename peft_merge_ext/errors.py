@@ -6,6 +6,7 @@ __all__ = [
     "AdapterCompatibilityError",
     "CombinationError",
     "DuplicateCombinationTypeError",
+    "EvaluationInputError",
     "HubUploadError",
     "MergeInputError",
     "PeftMergeExtError",
@@ -49,3 +50,7 @@ class CombinationError(PeftMergeExtError, ValueError):
 
 class HubUploadError(PeftMergeExtError, RuntimeError):
     """An upload to the Hugging Face Hub failed; the message says where the local copy is kept."""
+
+
+class EvaluationInputError(PeftMergeExtError, ValueError):
+    """An eval set or search objective is unusable (no tokenizer for text, no scored tokens, wrong type...)."""

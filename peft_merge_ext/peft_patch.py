@@ -2,17 +2,21 @@
 
 Registered plugin types go to `peft_merge_ext.combine`; PEFT's own types (and anything else PEFT knows) go to the
 original method untouched, with the exact same arguments.
+
+It also adds `save_merged` / `push_merged` to PEFT's `PeftModel` and transformers' `PreTrainedModel` (thin methods
+that import `peft_merge_ext.merged_model` only when called).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import typing
 from typing import Any
 
 from .errors import UnknownCombinationTypeError
 
-__all__ = ["install", "is_installed", "uninstall"]
+__all__ = ["attach_methods", "detach_methods", "install", "install_loaded", "is_installed", "uninstall"]
 
 _MARKER = "__peft_merge_ext_patch__"
 
@@ -92,17 +96,98 @@ def is_installed() -> bool:
     return getattr(_lora_model_class().__dict__.get("add_weighted_adapter"), _MARKER, False)
 
 
-def install() -> None:
-    """Patch `LoraModel.add_weighted_adapter` (idempotent) and add `save_merged` / `push_merged` where available."""
-    cls = _lora_model_class()
+_METHOD_MARKER = "__peft_merge_ext_method__"
+_METHOD_OWNERS = (("peft.peft_model", "PeftModel"), ("transformers.modeling_utils", "PreTrainedModel"))
+
+
+def save_merged(self: Any, save_directory: Any, **kwargs: Any) -> Any:
+    """Write this model with its LoRA adapter(s) merged in (or the combined adapter) to `save_directory`, without
+    modifying the model. See `peft_merge_ext.merged_model.save_merged` for the arguments.
+
+    Returns:
+        `Path`: The output folder.
+    """
+    from .merged_model import save_merged as implementation
+
+    return implementation(self, save_directory, **kwargs)
+
+
+def push_merged(self: Any, repo_id: str, **kwargs: Any) -> str:
+    """Merge this model's LoRA adapter(s) (see `save_merged`) and upload the folder to the Hub in one commit. See
+    `peft_merge_ext.merged_model.push_merged` for the arguments.
+
+    Returns:
+        `str`: The commit URL (the pull request URL with `create_pr=True`).
+    """
+    from .merged_model import push_merged as implementation
+
+    return implementation(self, repo_id, **kwargs)
+
+
+setattr(save_merged, _METHOD_MARKER, True)
+setattr(push_merged, _METHOD_MARKER, True)
+_METHODS = {"save_merged": save_merged, "push_merged": push_merged}
+
+
+def _loaded_class(module_name: str, class_name: str) -> type | None:
+    """The class if its module is fully imported (a module still executing may not define it yet)."""
+    module = sys.modules.get(module_name)
+    value = getattr(module, class_name, None) if module is not None else None
+    return value if isinstance(value, type) else None
+
+
+def attach_methods() -> None:
+    """Add `save_merged` / `push_merged` to PEFT's `PeftModel` and transformers' `PreTrainedModel`, for each class
+    whose module is already imported. A method a library defines itself is never replaced (idempotent)."""
+    for module_name, class_name in _METHOD_OWNERS:
+        cls = _loaded_class(module_name, class_name)
+        if cls is None:
+            continue
+        for name, method in _METHODS.items():
+            current = cls.__dict__.get(name)
+            if current is None or getattr(current, _METHOD_MARKER, False):
+                setattr(cls, name, method)
+
+
+def detach_methods() -> None:
+    """Remove the methods added by `attach_methods` (idempotent)."""
+    for module_name, class_name in _METHOD_OWNERS:
+        cls = _loaded_class(module_name, class_name)
+        if cls is None:
+            continue
+        for name in _METHODS:
+            if getattr(cls.__dict__.get(name), _METHOD_MARKER, False):
+                delattr(cls, name)
+
+
+def install_loaded() -> None:
+    """What the post-import hook runs: patch whatever of PEFT / transformers is imported by now, importing nothing."""
+    lora_model = _loaded_class("peft.tuners.lora.model", "LoraModel")
+    if lora_model is not None:
+        _patch_add_weighted_adapter(lora_model)
+    attach_methods()
+
+
+def _patch_add_weighted_adapter(cls: type) -> None:
     current = cls.__dict__["add_weighted_adapter"]
     if not getattr(current, _MARKER, False):
         cls.add_weighted_adapter = _make_wrapper(current)
 
 
+def install() -> None:
+    """Patch `LoraModel.add_weighted_adapter` (idempotent) and add `save_merged` / `push_merged` to `PeftModel` and
+    `PreTrainedModel`."""
+    _patch_add_weighted_adapter(_lora_model_class())
+    import peft.peft_model  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+    attach_methods()
+
+
 def uninstall() -> None:
-    """Restore PEFT's original `LoraModel.add_weighted_adapter` (idempotent)."""
+    """Restore PEFT's `LoraModel.add_weighted_adapter` and remove `save_merged` / `push_merged` (idempotent)."""
     cls = _lora_model_class()
     current = cls.__dict__["add_weighted_adapter"]
     if getattr(current, _MARKER, False):
         cls.add_weighted_adapter = current.__wrapped__
+    detach_methods()

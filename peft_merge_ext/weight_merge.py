@@ -1,7 +1,8 @@
 """Adding a canonical low-rank delta to a base weight, in the weight's own layout.
 
 Shared by the in-memory `save_merged` / `push_merged` path and the out-of-core `merge_checkpoint`, so both produce
-bit-identical tensors for the same inputs and dtype.
+bit-identical tensors for the same inputs and dtype. The dense delta is built a block of rows at a time, so the extra
+memory is one block (about 16 MB) plus the output, not several full-size float32 temporaries.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import torch
 
 from .contract import LowRankDelta
 
-__all__ = ["delta_in_weight_layout", "merge_delta_into_weight"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "delta_in_weight_layout", "merge_delta_into_weight"]
+
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
 
 def delta_in_weight_layout(delta: LowRankDelta, weight_shape: tuple[int, ...], transpose: bool) -> torch.Tensor:
-    """The dense delta laid out like the base weight.
+    """The dense delta laid out like the base weight (materializes the whole matrix: for tests and small modules).
 
     Args:
         delta (`LowRankDelta`): Canonical factors (`out x in`, scaling folded in).
@@ -34,13 +37,47 @@ def delta_in_weight_layout(delta: LowRankDelta, weight_shape: tuple[int, ...], t
 
 
 def merge_delta_into_weight(
-    weight: torch.Tensor, delta: LowRankDelta, transpose: bool, out_dtype: torch.dtype | None = None
+    weight: torch.Tensor,
+    delta: LowRankDelta,
+    transpose: bool,
+    out_dtype: torch.dtype | None = None,
+    *,
+    inplace: bool = False,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """`weight + delta` computed in float32 (float64 if the weight is float64) on the weight's device, cast to
-    `out_dtype` (the weight's dtype by default). The input weight is not modified.
+    """`weight + delta`, computed in float32 (float64 for a float64 weight) on the weight's device, a block of rows
+    at a time, and cast to `out_dtype` (the weight's dtype by default).
+
+    Args:
+        weight (`torch.Tensor`): The base weight (`out x in`, `in x out` when `transpose`, or a conv kernel).
+        delta (`LowRankDelta`): Canonical factors of the delta.
+        transpose (`bool`): Whether the weight is stored `in x out` (GPT-2 `Conv1D`, embeddings).
+        out_dtype (`torch.dtype`, *optional*): The result's dtype; the weight's by default.
+        inplace (`bool`, *optional*, defaults to `False`): Write the result into `weight` itself (only honoured when
+            `weight` is contiguous and already of `out_dtype`); for callers that own the tensor, such as the
+            out-of-core merge. The user's model weights are never passed with `inplace=True`.
+        block_elements (`int`, *optional*): About how many elements each block of rows holds.
+
+    Returns:
+        `torch.Tensor`: The merged weight.
     """
+    out_dtype = out_dtype or weight.dtype
     compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    factors = LowRankDelta(delta.B.to(weight.device, compute_dtype), delta.A.to(weight.device, compute_dtype))
-    dense = delta_in_weight_layout(factors, tuple(weight.shape), transpose)
-    merged = weight.to(compute_dtype) + dense
-    return merged.to(out_dtype or weight.dtype)
+    left = delta.B.to(weight.device, compute_dtype)
+    right = delta.A.to(weight.device, compute_dtype)
+    if inplace and weight.dtype == out_dtype and weight.is_contiguous():
+        out = weight
+    else:
+        out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
+    rows = weight.shape[0]
+    if rows == 0:
+        return out
+    weight_rows = weight.reshape(rows, -1)
+    out_rows = out.view(rows, -1)
+    step = max(1, block_elements // max(weight_rows.shape[1], 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = right[:, start:stop].T @ left.T if transpose else left[start:stop] @ right
+        block.add_(weight_rows[start:stop])
+        out_rows[start:stop] = block
+    return out

@@ -1,0 +1,250 @@
+"""The model card of a merged model or combined adapter, built from a `MergeInfo`.
+
+The card is `huggingface_hub.ModelCard` rendered from the Jinja template shipped in `peft_merge_ext/templates/`, with
+`ModelCardData` front matter. Plugins add sections through the `extend_model_card(card, merge_info)` hook. The card
+never holds a token, an absolute local path or a user name: local folders appear by their folder name only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .merge_info import MergeInfo
+
+__all__ = ["TEMPLATE_PATH", "base_model_relation", "build_model_card", "method_formula", "write_model_card"]
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "merged_model_card.md"
+BASE_TAGS = ("merge", "lora", "peft", "peft-merge-ext")
+
+FORMULAS = {
+    None: "ΔW = s · B A with s = alpha / r (alpha / √r with rsLoRA), times the adapter's weight.",
+    "weighted": "ΔW = Σᵢ wᵢ · Bᵢ Aᵢ (each Bᵢ Aᵢ with its own LoRA scaling folded in).",
+    "average": "ΔW = Σᵢ wᵢ · Bᵢ Aᵢ / Σᵢ wᵢ.",
+    "slerp": (
+        "ΔW = sin((1−t)θ)/sin θ · ΔW₁ + sin(tθ)/sin θ · ΔW₂, with cos θ = ⟨ΔW₁, ΔW₂⟩ / (‖ΔW₁‖ ‖ΔW₂‖) (Frobenius), "
+        "computed per module."
+    ),
+    "karcher": (
+        "ΔW = (Σᵢ w̄ᵢ ‖ΔWᵢ‖) · u, where u is the weighted Karcher (Riemannian) mean of the directions ΔWᵢ / ‖ΔWᵢ‖ "
+        "on the unit sphere and w̄ᵢ = wᵢ / Σⱼ wⱼ."
+    ),
+}
+PEFT_FORMULA = (
+    "Computed by PEFT's own `add_weighted_adapter(combination_type={name!r})`; see "
+    "https://huggingface.co/docs/peft/developer_guides/model_merging ."
+)
+
+
+def base_model_relation(info: MergeInfo) -> str:
+    """`adapter` for an adapter repo, `merge` when several adapters were merged into the base, else `finetune`."""
+    if not info.merge_into_base:
+        return "adapter"
+    return "merge" if len(info.adapters) > 1 else "finetune"
+
+
+def method_formula(info: MergeInfo) -> tuple[str, str]:
+    """The method's display name and formula (with the final `W' = W + ΔW` step for a merged model)."""
+    from .plugins import PEFT_COMBINATION_TYPES
+
+    name = info.combination_type
+    if name in FORMULAS:
+        formula = FORMULAS[name]
+    elif name in PEFT_COMBINATION_TYPES:
+        formula = PEFT_FORMULA.format(name=name)
+    else:
+        formula = f"Computed by the plugin combination type `{name}`."
+    final = (
+        "The merged weights are W' = W + ΔW, computed in float32 from the exact low-rank factors."
+        if info.merge_into_base
+        else "ΔW is published as one LoRA adapter (factors B A, scaling 1)."
+    )
+    return (name or "single adapter"), f"{formula}\n\n{final}"
+
+
+def _description(name: str | None) -> str:
+    if name is None:
+        return "the adapter merged as it is"
+    try:
+        from .plugins import get_combination_types
+
+        combination = get_combination_types().get(name)
+    except Exception:
+        combination = None
+    return combination.description if combination is not None else ""
+
+
+def public_name(value: str | os.PathLike | None) -> str | None:
+    """A Hub id as is; a local path reduced to its folder name (never an absolute path or a user name)."""
+    if value is None:
+        return None
+    text = str(value)
+    if os.path.isabs(text) or os.path.exists(text) or text.startswith(("~", ".")) or "\\" in text:
+        return Path(text.rstrip("/\\")).name or None
+    return text
+
+
+def _license(base_model: str | None, base_card_data: Any, base_card_folder: Path | None) -> str | None:
+    from huggingface_hub import ModelCard
+
+    if base_card_data is not None:
+        data = base_card_data.to_dict() if hasattr(base_card_data, "to_dict") else dict(base_card_data)
+        return data.get("license")
+    candidates: list[Path] = []
+    if base_card_folder is not None:
+        candidates.append(Path(base_card_folder) / "README.md")
+    if base_model:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base_model, "README.md")
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:
+            pass
+    for path in candidates:
+        if path.is_file():
+            try:
+                return ModelCard.load(path).data.to_dict().get("license")
+            except Exception:
+                continue
+    return None
+
+
+def _eval_results(rows: Sequence[Any] | None) -> list[Any] | None:
+    if not rows:
+        return None
+    from huggingface_hub import EvalResult
+
+    return [row if isinstance(row, EvalResult) else EvalResult(**dict(row)) for row in rows]
+
+
+def _summary_table(info: MergeInfo) -> str:
+    if info.report is None:
+        return ""
+    summary = info.report.summary()
+    lines = [f"{summary.pop('modules')} modules.", "", "| statistic | min | mean | max |", "|---|---|---|---|"]
+    for key, values in summary.items():
+        lines.append(f"| {key} | {values['min']:.4g} | {values['mean']:.4g} | {values['max']:.4g} |")
+    return "\n".join(lines)
+
+
+def _recipe(info: MergeInfo) -> str | None:
+    try:
+        from .recipe import recipe_from_merge_info
+    except ImportError:
+        return None
+    return recipe_from_merge_info(info).to_yaml().strip()
+
+
+def _usage(info: MergeInfo, repo_id: str) -> str:
+    if info.merge_into_base:
+        return (
+            "from transformers import AutoModelForCausalLM\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")'
+        )
+    base = info.base_model or "<base-model-id>"
+    return (
+        "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}")'
+    )
+
+
+def _sanitized(info: MergeInfo) -> MergeInfo:
+    adapters = [
+        dataclasses.replace(
+            adapter, name=public_name(adapter.name) or adapter.name, source=public_name(adapter.source)
+        )
+        for adapter in info.adapters
+    ]
+    base = info.base_model if info.base_model and not os.path.exists(info.base_model) else None
+    return dataclasses.replace(info, adapters=adapters, base_model=base)
+
+
+def build_model_card(
+    info: MergeInfo,
+    base_card_data: Any = None,
+    *,
+    repo_id: str | None = None,
+    tags: Sequence[str] | None = None,
+    notes: Sequence[str] | None = None,
+    base_card_folder: str | os.PathLike | None = None,
+) -> Any:
+    """Build the model card of a merge.
+
+    Args:
+        info (`MergeInfo`): The merge.
+        base_card_data (`ModelCardData` or `dict`, *optional*): The base model's card data, for its license; read
+            from `base_card_folder` or the HF cache when not given (never downloaded).
+        repo_id (`str`, *optional*): The repo (or folder name) the card is for, used in the title and usage snippet.
+        tags (`list[str]`, *optional*): Extra tags.
+        notes (`list[str]`, *optional*): Remarks shown near the top (untied weights, quantized base...).
+        base_card_folder (`str` or `os.PathLike`, *optional*): The base model's local folder.
+
+    Returns:
+        `huggingface_hub.ModelCard`: The card, after the `extend_model_card` plugin hook ran.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .plugins import get_plugin_manager
+
+    info = _sanitized(info)
+    name = public_name(repo_id) or "merged-model"
+    method, formula = method_formula(info)
+    method_tag = info.combination_type or "single-adapter"
+    all_tags = list(dict.fromkeys([*BASE_TAGS, method_tag.replace("_", "-"), *(tags or [])]))
+    card_data = ModelCardData(
+        base_model=info.base_model,
+        base_model_relation=base_model_relation(info) if info.base_model else None,
+        library_name="transformers" if info.merge_into_base else "peft",
+        tags=all_tags,
+        license=_license(info.base_model, base_card_data, Path(base_card_folder) if base_card_folder else None),
+        model_name=name,
+        eval_results=_eval_results(info.eval_results),
+    )
+    count = len(info.adapters)
+    what = "model" if info.merge_into_base else "LoRA adapter"
+    summary = f"This {what} was made by combining {count} LoRA adapter{'s' if count > 1 else ''} with `{method}`" + (
+        " and merging the result into the base weights." if info.merge_into_base else "."
+    )
+    parameters: dict[str, Any] = dict(info.options)
+    if info.svd_rank is not None:
+        parameters["svd_rank"] = info.svd_rank
+    if info.dtype:
+        parameters["dtype"] = info.dtype
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=name,
+        summary=summary,
+        base_model=info.base_model,
+        notes=list(notes or []),
+        adapters=info.adapters,
+        method=method,
+        method_description=_description(info.combination_type),
+        formula=formula,
+        parameters=parameters,
+        summary_table=_summary_table(info),
+        module_table=info.report.to_markdown() if info.report is not None else "",
+        recipe=_recipe(info),
+        usage=_usage(info, name if repo_id is None or "/" not in str(repo_id) else str(repo_id)),
+        versions=info.versions,
+    )
+    get_plugin_manager().hook.extend_model_card(card=card, merge_info=info)
+    return card
+
+
+def write_model_card(info: MergeInfo, directory: str | os.PathLike, base_card_data: Any = None, **kwargs: Any) -> Path:
+    """Build the card (see `build_model_card`) and save it as `README.md` in `directory`.
+
+    Returns:
+        `Path`: The written `README.md`.
+    """
+    card = build_model_card(info, base_card_data, **kwargs)
+    path = Path(directory) / "README.md"
+    card.save(str(path))
+    return path
