@@ -1,0 +1,380 @@
+"""Reading PEFT LoRA adapters from disk into the canonical factors of the combination contract.
+
+A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors` whose keys look like
+`base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Linear, GPT-2 `Conv1D`, Conv) or
+`base_model.model.<module>.lora_embedding_A` / `_B` (Embedding). Each module becomes a `LowRankDelta` `B @ A`
+(`out x in`, conv kernels flattened) with the LoRA scaling folded into `B`, resolved per module from `r`,
+`lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` exactly as PEFT resolves them when it loads the
+adapter. The arithmetic is the same as `lora_layers.read_factors` on a loaded model, so both give identical factors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import LowRankDelta
+from .errors import AdapterCompatibilityError, MergeInputError
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "AdapterFiles",
+    "AdapterModule",
+    "read_adapter",
+    "resolve_folder",
+    "sha256_of_file",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class AdapterModule:
+    """One module of an on-disk adapter. Its factors stay on disk until `load_delta` reads them.
+
+    Args:
+        name (`str`): The module's name in the base model, e.g. `"model.layers.0.self_attn.q_proj"`.
+        kind (`str`): `"linear"` (also GPT-2 `Conv1D`), `"embedding"` or `"conv"`.
+        shape (`tuple[int, int]`): The `(out, in)` shape of the canonical delta.
+        rank (`int`): The rank `r` of this module.
+        alpha (`float`): Its `lora_alpha`.
+        scaling (`float`): `alpha / r`, or `alpha / sqrt(r)` with rslora.
+        storage_dtype (`torch.dtype`): The dtype the factors were saved in.
+        kernel_shape (`tuple[int, ...]`): The conv kernel size, `()` for other kinds.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scaling: float
+    storage_dtype: torch.dtype
+    kernel_shape: tuple[int, ...] = ()
+    keys: tuple[str, str] = ("", "")
+    reader: Callable[[str], torch.Tensor] | None = field(default=None, repr=False)
+    compute_dtype: torch.dtype = torch.float64
+    device: torch.device | None = None
+
+    @property
+    def weight_key(self) -> str:
+        """The key of the base weight this module updates."""
+        return f"{self.name}.weight"
+
+    @property
+    def layer_index(self) -> int | None:
+        """The first number in the dotted name (the block index), if any."""
+        match = _LAYER_INDEX.search(self.name)
+        return int(match.group(1)) if match else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the factors once loaded in the compute dtype."""
+        size = torch.empty((), dtype=self.compute_dtype).element_size()
+        return (self.shape[0] + self.shape[1]) * self.rank * size
+
+    def load_delta(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LowRankDelta:
+        """Read the factors: `B @ A` with the scaling folded into `B` (the arithmetic of
+        `lora_layers.read_factors`), in `dtype` (the compute dtype by default) on `device`."""
+        dtype = dtype or self.compute_dtype
+        device = device if device is not None else self.device
+        a = self.reader(self.keys[0]).flatten(1)
+        b = self.reader(self.keys[1]).flatten(1)
+        if device is not None:
+            a, b = a.to(device), b.to(device)
+        return LowRankDelta(b.to(dtype) * self.scaling, a.to(dtype))
+
+    @property
+    def delta(self) -> LowRankDelta:
+        """The canonical factors in the compute dtype (read from disk on each access)."""
+        return self.load_delta()
+
+
+@dataclass
+class AdapterFiles:
+    """A LoRA adapter read from disk.
+
+    Args:
+        name (`str`): A short name (the folder name unless given).
+        folder (`Path`): The resolved local folder.
+        source (`str`): What the user passed (a local path or a Hub id).
+        config (`peft.LoraConfig`): The parsed configuration.
+        modules (`dict[str, AdapterModule]`): Module name -> canonical factors, in file order.
+        weights_file (`Path`): The weights file that was read.
+        sha256 (`str`): SHA-256 of that file.
+        saved_base_layers (`dict[str, tuple[int, ...]]`): Base weights PEFT saved alongside (embeddings with
+            `save_embedding_layers`), weight key -> shape; they must match the base checkpoint.
+    """
+
+    name: str
+    folder: Path
+    source: str
+    config: Any
+    modules: dict[str, AdapterModule]
+    weights_file: Path
+    sha256: str
+    saved_base_layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        """The base model recorded in `adapter_config.json`."""
+        return getattr(self.config, "base_model_name_or_path", None)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest per-module rank."""
+        return max(module.rank for module in self.modules.values())
+
+    def nbytes(self) -> int:
+        """Bytes of all canonical factors in the compute dtype (they are read from disk module by module)."""
+        return sum(module.nbytes for module in self.modules.values())
+
+
+def sha256_of_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """The hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_folder(path_or_id: str | Path, what: str = "folder", required_file: str | None = None) -> Path:
+    """A local folder for `path_or_id`: the folder itself, or a Hub id's snapshot already in the Hugging Face cache.
+
+    Nothing is downloaded: a Hub id must have been fetched before (`hf download REPO_ID`).
+
+    Raises:
+        `MergeInputError`: When it is neither an existing folder nor a cached Hub repository.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MergeInputError(f"The {what} {str(path_or_id)!r} is a file; pass the folder that holds it.")
+    text = str(path_or_id)
+    looks_like_repo = re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text) is not None and not text.startswith((".", "/"))
+    if looks_like_repo:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(text, local_files_only=True))
+        except Exception:
+            folder = None
+        if folder is not None and (required_file is None or (folder / required_file).exists()):
+            return folder
+    if looks_like_repo:
+        raise MergeInputError(
+            f"The {what} {text!r} is not a local folder and not in the Hugging Face cache. Pass an existing folder, "
+            f"or download the repository first with `hf download {text}`."
+        )
+    raise MergeInputError(f"The {what} {text!r} is not an existing folder.")
+
+
+def _load_config(folder: Path, source: str) -> Any:
+    config_path = folder / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        raise MergeInputError(
+            f"{source!r} has no {ADAPTER_CONFIG_NAME}; pass the folder written by PEFT's save_pretrained (for a "
+            "non-default adapter name PEFT writes it in a subfolder named after the adapter)."
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise MergeInputError(f"{config_path} is not valid JSON: {error}.") from None
+    peft_type = str(raw.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterCompatibilityError(
+            f"Adapter {source!r} is a {raw.get('peft_type')!r} adapter; only LoRA adapters (peft_type 'LORA') can be "
+            "merged."
+        )
+    from peft import LoraConfig
+
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise MergeInputError(f"Could not parse {config_path}: {type(error).__name__}: {error}") from None
+    return config
+
+
+def _check_config(config: Any, name: str) -> None:
+    import dataclasses
+
+    from .combine import check_adapter_configs
+
+    check_adapter_configs({name: config}, [name])
+    for config_field in dataclasses.fields(config):
+        if config_field.metadata.get("is_lora_variant") and getattr(config, config_field.name, None):
+            raise AdapterCompatibilityError(
+                f"Adapter {name!r} uses the LoRA variant {config_field.name}={getattr(config, config_field.name)!r}: "
+                "its update is not B @ A and cannot be merged exactly from its factors."
+            )
+    variants = dataclasses.fields(config)
+    init_variants = next((f.metadata.get("lora_variants", ()) for f in variants if f.name == "init_lora_weights"), ())
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights in init_variants:
+        raise AdapterCompatibilityError(
+            f"Adapter {name!r} uses the LoRA variant init_lora_weights={config.init_lora_weights!r}, whose update is "
+            "not B @ A; it cannot be merged exactly from its factors."
+        )
+
+
+def _weights_path(folder: Path, source: str, allow_pickle: bool) -> Path:
+    safetensors_path = folder / ADAPTER_SAFETENSORS_NAME
+    if safetensors_path.is_file():
+        return safetensors_path
+    pickle_path = folder / ADAPTER_PICKLE_NAME
+    if pickle_path.is_file():
+        if not allow_pickle:
+            raise MergeInputError(
+                f"Adapter {source!r} only has {ADAPTER_PICKLE_NAME} (a pickle file, which can run code when loaded). "
+                "Convert it to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) to load it with "
+                "torch.load(weights_only=True)."
+            )
+        return pickle_path
+    raise MergeInputError(f"Adapter {source!r} has no {ADAPTER_SAFETENSORS_NAME} (nor {ADAPTER_PICKLE_NAME}).")
+
+
+def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], Callable[[str], torch.Tensor]]:
+    """Name -> (shape, dtype) of every tensor, and a function reading one tensor (safetensors: on demand)."""
+    if path.suffix == ".bin":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+        return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, tensors.__getitem__
+    from .streaming_safetensors import read_tensor, read_tensor_specs
+
+    specs = {spec.name: (spec.shape, spec.dtype) for spec in read_tensor_specs(path)}
+    return specs, lambda key: read_tensor(path, key)
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(pattern), module)
+    return pattern.get(key, default)
+
+
+def _scaling(config: Any, module: str) -> tuple[int, float, float]:
+    rank = int(_pattern_value(config.rank_pattern or {}, module, config.r))
+    alpha = _pattern_value(config.alpha_pattern or {}, module, config.lora_alpha)
+    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    return rank, alpha, scaling
+
+
+def read_adapter(
+    path_or_id: str | Path,
+    *,
+    name: str | None = None,
+    allow_pickle: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+) -> AdapterFiles:
+    """Read an adapter folder into canonical factors, one `LowRankDelta` per target module.
+
+    Args:
+        path_or_id (`str` or `Path`): The adapter folder, or a Hub id already in the Hugging Face cache.
+        name (`str`, *optional*): The adapter's name in reports; the folder name by default.
+        allow_pickle (`bool`, *optional*, defaults to `False`): Accept `adapter_model.bin` (loaded with
+            `torch.load(weights_only=True)`) when there is no safetensors file.
+        compute_dtype (`torch.dtype`, *optional*, defaults to `torch.float64`): The dtype of the returned factors.
+        device (`str` or `torch.device`, *optional*): Where the factors go (CPU by default).
+
+    Returns:
+        `AdapterFiles`: The configuration, the factors and the SHA-256 of the weights file.
+
+    Raises:
+        `MergeInputError`: Missing files, pickle refused, unexpected tensors, ranks inconsistent with the config.
+        `AdapterCompatibilityError`: Non-LoRA adapters, DoRA, lora_bias, modules_to_save, LoRA variants.
+    """
+    source = str(path_or_id)
+    folder = resolve_folder(path_or_id, "adapter", ADAPTER_CONFIG_NAME)
+    name = name or folder.name
+    config = _load_config(folder, source)
+    _check_config(config, name)
+    weights_file = _weights_path(folder, source, allow_pickle)
+    specs, reader = _tensor_source(weights_file)
+    factors: dict[str, dict[str, tuple[str, tuple[int, ...], torch.dtype]]] = {}
+    kinds: dict[str, str] = {}
+    saved_base_layers: dict[str, tuple[int, ...]] = {}
+    for key, (shape, dtype) in specs.items():
+        short = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        if "lora_magnitude_vector" in short:
+            raise AdapterCompatibilityError(
+                f"Adapter {name!r} holds DoRA magnitudes ({key}); its update is not B @ A and cannot be merged "
+                "exactly."
+            )
+        if match := _FACTOR_KEY.match(short):
+            module, part = match.group("module"), match.group("part")[-1]
+            kinds.setdefault(module, "linear" if len(shape) == 2 else "conv")
+        elif match := _EMBEDDING_KEY.match(short):
+            module, part = match.group("module"), match.group("part")[-1]
+            kinds.setdefault(module, "embedding")
+        elif match := _BASE_LAYER_KEY.match(short):
+            saved_base_layers[f"{match.group('module')}.weight"] = shape
+            continue
+        else:
+            raise AdapterCompatibilityError(
+                f"Adapter {name!r} has a tensor that is not a LoRA factor: {key!r} (a LoRA bias, a modules_to_save "
+                "copy or trainable tokens). Only plain LoRA factors can be merged from files."
+            )
+        factors.setdefault(module, {})[part] = (key, shape, dtype)
+    if not factors:
+        raise MergeInputError(f"Adapter {name!r} ({weights_file}) holds no LoRA factors.")
+    target_device = torch.device(device) if device is not None else None
+    modules: dict[str, AdapterModule] = {}
+    for module, parts in factors.items():
+        if set(parts) != {"A", "B"}:
+            raise MergeInputError(
+                f"Adapter {name!r} has only lora_{''.join(parts)} for {module!r}; the file is damaged."
+            )
+        kind = kinds[module]
+        (key_a, shape_a, dtype_a), (key_b, shape_b, _) = parts["A"], parts["B"]
+        rank, alpha, scaling = _scaling(config, module)
+        if shape_a[0] != rank or shape_b[1] != rank:
+            raise MergeInputError(
+                f"Adapter {name!r}: {ADAPTER_CONFIG_NAME} gives {module!r} rank {rank} (r / rank_pattern) but its "
+                f"weights have rank {shape_a[0]}; the config does not belong to these weights."
+            )
+        in_features = math.prod(shape_a[1:])
+        out_features = math.prod(shape_b) // rank
+        modules[module] = AdapterModule(
+            name=module,
+            kind=kind,
+            shape=(out_features, in_features),
+            rank=rank,
+            alpha=float(alpha),
+            scaling=scaling,
+            storage_dtype=dtype_a,
+            kernel_shape=tuple(shape_a[2:]) if kind == "conv" else (),
+            keys=(key_a, key_b),
+            reader=reader,
+            compute_dtype=compute_dtype,
+            device=target_device,
+        )
+    return AdapterFiles(
+        name=name,
+        folder=folder,
+        source=source,
+        config=config,
+        modules=modules,
+        weights_file=weights_file,
+        sha256=sha256_of_file(weights_file),
+        saved_base_layers=saved_base_layers,
+    )

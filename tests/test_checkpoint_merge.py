@@ -1,0 +1,451 @@
+"""Out-of-core `merge_checkpoint`: adapters read from disk, base streamed tensor by tensor, output identical to the
+in-memory `save_merged` and to PEFT's `merge_and_unload`, everything validated before the output folder exists."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import add_lora, tiny_gpt2, tiny_llama
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_merge_ext.adapter_files import read_adapter
+from peft_merge_ext.checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
+from peft_merge_ext.errors import AdapterCompatibilityError, MergeInputError, UnknownCombinationTypeError
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def save_adapter(peft_model, name: str, folder: Path) -> Path:
+    """Save one adapter of a PeftModel as an ordinary adapter folder and return that folder."""
+    peft_model.save_pretrained(folder, selected_adapters=[name])
+    return folder / name if name != "default" else folder
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    return state
+
+
+@pytest.fixture
+def llama_files(tmp_path):
+    """A tiny Llama base (sharded safetensors) and three adapters: 'a' (r=4, rank_pattern, alpha_pattern, embedding
+    target), 'b' (r=6, rslora) and 'c' (r=2 on other modules), saved as ordinary folders."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    model = add_lora(
+        base,
+        "a",
+        seed=1,
+        r=4,
+        lora_alpha=8,
+        target_modules=[*LLAMA_TARGETS, "embed_tokens"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={r"model\.layers\.1\.self_attn\.q_proj": 3},
+    )
+    add_lora(model, "b", seed=2, r=6, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
+    add_lora(model, "c", seed=3, r=2, lora_alpha=2, target_modules=["o_proj", "up_proj"])
+    folders = {name: save_adapter(model, name, tmp_path / "adapters") for name in ("a", "b", "c")}
+    return tmp_path / "base", folders, model
+
+
+def test_base_is_really_sharded(llama_files):
+    base, _, _ = llama_files
+    assert (base / "model.safetensors.index.json").is_file()
+    assert len(list(base.glob("model-*.safetensors"))) > 1
+
+
+def test_adapter_factors_match_the_loaded_peft_layers(llama_files):
+    _, folders, model = llama_files
+    from peft_merge_ext.lora_layers import find_lora_modules, read_factors
+
+    adapter = read_adapter(folders["a"])
+    layers = {info.name: info for info in find_lora_modules(model.base_model.model, ["a"])}
+    assert set(adapter.modules) == set(layers)
+    assert adapter.modules["model.layers.0.mlp.down_proj"].rank == 2
+    assert adapter.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 4
+    assert adapter.modules["model.embed_tokens"].kind == "embedding"
+    for name, module in adapter.modules.items():
+        expected = read_factors(layers[name], "a", torch.float64)
+        assert torch.equal(module.delta.B, expected.B) and torch.equal(module.delta.A, expected.A), name
+    rslora = read_adapter(folders["b"]).modules["model.layers.0.self_attn.q_proj"]
+    assert rslora.scaling == pytest.approx(3 / 6**0.5)
+    assert len(adapter.sha256) == 64
+
+
+def test_single_adapter_matches_peft_merge_and_unload(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    result = merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
+    reference = PeftModel.from_pretrained(_load(base), folders["a"]).merge_and_unload().state_dict()
+    merged = load_weights(result.path)
+    assert set(merged) == set(reference)
+    for key, tensor in reference.items():
+        torch.testing.assert_close(merged[key], tensor, rtol=0, atol=1e-6)
+    changed = {k for k in merged if not torch.equal(merged[k], load_weights(base)[k])}
+    assert "model.embed_tokens.weight" in changed and "model.layers.1.mlp.down_proj.weight" in changed
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("names", "combination_type", "weights", "options", "dtype"),
+    [
+        (["a"], None, None, {}, None),
+        (["a", "b"], "weighted", [0.7, -0.3], {}, None),
+        (["a", "b", "c"], "average", [1.0, 2.0, 1.0], {"svd_rank": 5}, "bfloat16"),
+        (["a", "b"], "slerp", [0.5, 0.5], {"t": [0.2, 0.9]}, None),
+        (["a", "b"], None, None, {}, "float16"),
+    ],
+)
+def test_identical_to_the_in_memory_save_merged(
+    llama_files, tmp_path, names, combination_type, weights, options, dtype
+):
+    from peft_merge_ext.merged_model import save_merged
+
+    base, folders, _ = llama_files
+    model = PeftModel.from_pretrained(_load(base), folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folders[name], adapter_name=name)
+    in_memory = save_merged(
+        model,
+        tmp_path / "in-memory",
+        adapters=names,
+        weights=weights,
+        combination_type=combination_type,
+        dtype=dtype,
+        **options,
+    )
+    streamed = merge_checkpoint(
+        base,
+        [folders[name] for name in names],
+        out=tmp_path / "streamed",
+        combination_type=combination_type,
+        weights=weights,
+        dtype=dtype,
+        quiet=True,
+        **options,
+    )
+    expected, got = load_weights(in_memory), load_weights(streamed.path)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_gpt2_conv1d_layout(tmp_path):
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    model = add_lora(base, "g", seed=4, r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    folder = save_adapter(model, "g", tmp_path / "adapters")
+    result = merge_checkpoint(tmp_path / "base", [folder], out=tmp_path / "merged", quiet=True)
+    reference = PeftModel.from_pretrained(_load(tmp_path / "base"), folder).merge_and_unload().state_dict()
+    merged = load_weights(result.path)
+    square = "transformer.h.0.attn.c_proj.weight"  # 32 x 32: only the module type tells the layout
+    assert merged[square].shape[0] == merged[square].shape[1]
+    for key in merged:
+        torch.testing.assert_close(merged[key], reference[key], rtol=0, atol=1e-6)
+
+
+def test_bf16_output_loads_and_predicts_like_peft(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    result = merge_checkpoint(
+        base,
+        [folders["a"], folders["b"]],
+        out=tmp_path / "merged",
+        combination_type="weighted",
+        weights=[1.0, 1.0],
+        dtype="bf16",
+        max_shard_size="30KB",
+        quiet=True,
+    )
+    assert (result.path / "model.safetensors.index.json").is_file()
+    assert all(t.dtype == torch.bfloat16 for t in load_weights(result.path).values())
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "quantization_config" not in config
+    assert (result.path / "generation_config.json").is_file() and (result.path / "README.md").is_file()
+    merged = _load(result.path).float()
+    peft_model = PeftModel.from_pretrained(_load(base), folders["a"], adapter_name="a")
+    peft_model.load_adapter(folders["b"], adapter_name="b")
+    peft_model.base_model.set_adapter(["a", "b"])  # several active adapters: their sum
+    inputs = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, peft_model(inputs).logits, rtol=0.05, atol=0.05)
+
+
+def test_quantization_config_dropped_and_tokenizer_files_copied(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "tokenizer_config.json").write_text("{}")
+    (folders["a"] / "tokenizer.json").write_text('{"version": "1.0"}')
+    result = merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
+    assert "quantization_config" not in json.loads((result.path / "config.json").read_text())
+    assert (result.path / "tokenizer_config.json").read_text() == "{}"
+    assert (result.path / "tokenizer.json").read_text() == '{"version": "1.0"}'
+
+
+def _assert_nothing_written(parent: Path, name: str = "merged") -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp")]
+
+
+def test_shape_mismatch_is_an_error_before_anything_is_written(llama_files, tmp_path):
+    base, _, _ = llama_files
+    wider = add_lora(tiny_llama(hidden_size=64), "w", seed=5, r=2, target_modules=["q_proj"])
+    folder = save_adapter(wider, "w", tmp_path / "other")
+    with pytest.raises(MergeInputError, match="shape"):
+        merge_checkpoint(base, [folder], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+    plan = plan_checkpoint_merge(base, [folder], strict=False)
+    assert plan.problems and "Validation: 2 problem(s)" in plan.describe()
+
+
+def test_missing_target_and_other_architecture_are_errors(llama_files, tmp_path):
+    base, _, _ = llama_files
+    gpt2 = add_lora(tiny_gpt2(), "g", seed=4, r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    folder = save_adapter(gpt2, "g", tmp_path / "gpt2")
+    with pytest.raises(MergeInputError, match=r"GPT2LMHeadModel|no 'transformer"):
+        merge_checkpoint(base, [folder], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"combination_type": "nope"}, UnknownCombinationTypeError, "registered types"),
+        ({"combination_type": "ties"}, UnknownCombinationTypeError, "PEFT's own types"),
+        ({"combination_type": "slerp", "bogus": 1}, MergeInputError, "Unknown option"),
+        ({"combination_type": "weighted", "weights": [1.0]}, MergeInputError, "weight"),
+        ({"combination_type": "slerp", "t": 3.0}, MergeInputError, "between 0 and 1"),
+        ({"combination_type": "weighted", "dtype": "int4"}, MergeInputError, "dtype"),
+        ({"combination_type": "weighted", "max_shard_size": "lots"}, MergeInputError, "max_shard_size"),
+    ],
+)
+def test_bad_arguments_fail_before_writing(llama_files, tmp_path, kwargs, error, match):
+    base, folders, _ = llama_files
+    with pytest.raises(error, match=match):
+        merge_checkpoint(base, [folders["a"], folders["b"]], out=tmp_path / "merged", quiet=True, **kwargs)
+    _assert_nothing_written(tmp_path)
+
+
+def test_existing_output_folder_is_kept(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    with pytest.raises(MergeInputError, match="already exists"):
+        merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+    merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True, overwrite=True)
+    assert not (tmp_path / "merged" / "keep.txt").exists()
+
+
+def test_failure_while_streaming_leaves_no_output(llama_files, tmp_path, monkeypatch):
+    import peft_merge_ext.streaming_safetensors as streaming
+
+    base, folders, _ = llama_files
+    original, calls = streaming.read_tensor, []
+
+    def failing_read(path, name):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError("disk went away")
+        return original(path, name)
+
+    monkeypatch.setattr(streaming, "read_tensor", failing_read)
+    with pytest.raises(OSError, match="disk went away"):
+        merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+
+
+def test_pickle_files_are_refused_unless_allowed(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    pickled_base = tmp_path / "pickled-base"
+    pickled_base.mkdir()
+    (pickled_base / "config.json").write_text((base / "config.json").read_text())
+    torch.save(load_weights(base), pickled_base / "pytorch_model.bin")
+    pickled_adapter = tmp_path / "pickled-adapter"
+    pickled_adapter.mkdir()
+    (pickled_adapter / "adapter_config.json").write_text((folders["b"] / "adapter_config.json").read_text())
+    torch.save(load_file(str(folders["b"] / "adapter_model.safetensors")), pickled_adapter / "adapter_model.bin")
+    with pytest.raises(MergeInputError, match="pickle"):
+        merge_checkpoint(pickled_base, [folders["b"]], out=tmp_path / "merged", quiet=True)
+    with pytest.raises(MergeInputError, match="pickle"):
+        merge_checkpoint(base, [pickled_adapter], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+    allowed = merge_checkpoint(pickled_base, [pickled_adapter], out=tmp_path / "merged", allow_pickle=True, quiet=True)
+    safe = merge_checkpoint(base, [folders["b"]], out=tmp_path / "safe", quiet=True)
+    expected = load_weights(safe.path)
+    assert all(torch.equal(t, expected[k]) for k, t in load_weights(allowed.path).items())
+
+
+def _rewrite_adapter(folder: Path, destination: Path, config_changes=None, extra_tensors=None) -> Path:
+    destination.mkdir()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(config_changes or {})
+    (destination / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors.update(extra_tensors or {})
+    save_file(tensors, str(destination / "adapter_model.safetensors"))
+    return destination
+
+
+def test_unsupported_adapters_are_refused(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    cases = {
+        "dora": ({"use_dora": True}, None, "DoRA"),
+        "bias": ({"lora_bias": True}, None, "lora_bias"),
+        "modules": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+        "magnitude": (
+            None,
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)},
+            "DoRA",
+        ),
+        "stray": (None, {"base_model.model.lm_head.weight": torch.ones(64, 32)}, "not a LoRA factor"),
+    }
+    for name, (changes, extra, match) in cases.items():
+        folder = _rewrite_adapter(folders["b"], tmp_path / name, changes, extra)
+        with pytest.raises(AdapterCompatibilityError, match=match):
+            merge_checkpoint(base, [folder], out=tmp_path / "merged", quiet=True)
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterCompatibilityError, match="only LoRA"):
+        merge_checkpoint(base, [tmp_path / "ia3"], out=tmp_path / "merged", quiet=True)
+    inconsistent = _rewrite_adapter(folders["b"], tmp_path / "rank", {"r": 5})
+    with pytest.raises(MergeInputError, match="rank"):
+        merge_checkpoint(base, [inconsistent], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+
+
+def test_different_recorded_base_models_only_warn(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    first = _rewrite_adapter(folders["a"], tmp_path / "first", {"base_model_name_or_path": "org/base-one"})
+    second = _rewrite_adapter(folders["b"], tmp_path / "second", {"base_model_name_or_path": "org/base-two"})
+    with pytest.warns(UserWarning, match="different base models"):
+        result = merge_checkpoint(
+            base, [first, second], out=tmp_path / "merged", combination_type="weighted", quiet=True
+        )
+    assert result.report.combination_type == "weighted"
+
+
+def test_embedding_adapter_uses_the_transposed_layout(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(
+        base, LoraConfig(r=3, lora_alpha=5, target_modules=["embed_tokens", "lm_head"], init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = merge_checkpoint(tmp_path / "base", [tmp_path / "adapter"], out=tmp_path / "merged", quiet=True)
+    reference = PeftModel.from_pretrained(_load(tmp_path / "base"), tmp_path / "adapter").merge_and_unload()
+    merged = load_weights(result.path)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(merged[key], reference.state_dict()[key], rtol=0, atol=1e-6)
+
+
+def test_merge_info_and_report(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    result = merge_checkpoint(
+        base, [folders["a"], folders["b"]], out=tmp_path / "merged", combination_type="slerp", t=0.25, quiet=True
+    )
+    info = result.merge_info
+    assert info.combination_type == "slerp" and info.options == {"t": 0.25} and info.dtype == "float32"
+    assert [a.source for a in info.adapters] == ["a", "b"]  # folder names, never full paths
+    assert info.adapters[1].use_rslora and info.adapters[0].rank == 4
+    assert info.adapters[0].sha256 == read_adapter(folders["a"]).sha256
+    modules = {m.name for m in result.report.modules}
+    assert "model.layers.0.self_attn.k_proj" in modules and "model.embed_tokens" in modules
+    assert all(m.stats["t"] == 0.25 for m in result.report.modules)
+    assert str(tmp_path) not in (result.path / "README.md").read_text()
+
+
+def test_cuda_request_without_cuda_falls_back_to_cpu(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    if torch.cuda.is_available():
+        result = merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", device="cuda", quiet=True)
+        cpu = merge_checkpoint(base, [folders["a"]], out=tmp_path / "cpu", quiet=True)
+        expected = load_weights(cpu.path)
+        for key, tensor in load_weights(result.path).items():
+            torch.testing.assert_close(tensor, expected[key], rtol=0, atol=1e-6)
+        return
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", device="cuda", quiet=True)
+
+
+def test_streaming_writer_matches_the_sharded_writer_layout(tmp_path):
+    from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter
+    from peft_merge_ext.streaming_safetensors import StreamingSafetensorsWriter, TensorSpec, read_tensor_specs
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "odd.bf16": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+        "big.f32": torch.randn(40, 33, generator=generator),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "half": torch.randn(17, generator=generator).to(torch.float16),
+    }
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    writer = StreamingSafetensorsWriter(tmp_path / "streamed", specs, max_shard_size="2KB")
+    (tmp_path / "streamed").mkdir()
+    for spec in writer.order:
+        writer.write(spec.name, tensors[spec.name])
+    files = writer.finish()
+    reference = ShardedSafetensorsWriter(tmp_path / "reference", max_shard_size="2KB")
+    (tmp_path / "reference").mkdir()
+    for name, tensor in tensors.items():
+        reference.add(name, tensor)
+    assert files == reference.finish()
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())
+    loaded = load_weights(tmp_path / "streamed")
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    for file_name in files[:-1]:
+        assert {s.name for s in read_tensor_specs(tmp_path / "streamed" / file_name)} <= set(tensors)
+
+
+def test_streaming_writer_refuses_tensors_out_of_plan(tmp_path):
+    from peft_merge_ext.streaming_safetensors import StreamingSafetensorsWriter, TensorSpec
+
+    specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (3,), torch.float32)]
+    writer = StreamingSafetensorsWriter(tmp_path, specs)
+    with pytest.raises(ValueError, match="Expected tensor 'a'"):
+        writer.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="Expected tensor 'a'"):
+        writer.write("a", torch.zeros(2, dtype=torch.float16))
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="were not written"):
+        writer.finish()
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_tied_embeddings_are_untied_like_save_merged(tmp_path, target):
+    from peft_merge_ext.merged_model import save_merged
+
+    base = tiny_llama(tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    model = add_lora(base, "t", seed=6, r=2, lora_alpha=4, target_modules=[target, "q_proj"])
+    folder = save_adapter(model, "t", tmp_path / "adapters")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(_load(tmp_path / "base"), folder, adapter_name="t")
+        in_memory = save_merged(loaded, tmp_path / "in-memory")
+    streamed = merge_checkpoint(tmp_path / "base", [folder], out=tmp_path / "streamed", quiet=True)
+    expected, got = load_weights(in_memory), load_weights(streamed.path)
+    assert set(got) == set(expected) and "lm_head.weight" in got
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert json.loads((streamed.path / "config.json").read_text())["tie_word_embeddings"] is False
