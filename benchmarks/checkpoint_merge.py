@@ -81,8 +81,7 @@ def build_inputs(workdir: Path, size: str, rank: int, seed: int) -> tuple[Path, 
     from peft import LoraConfig
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from peft_merge_ext.checkpoint_writer import atomic_directory
-    from peft_merge_ext.streaming_safetensors import StreamingSafetensorsWriter, TensorSpec
+    from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
 
     base, first, second = workdir / "base", workdir / "adapter-a", workdir / "adapter-b"
     config = LlamaConfig(**SIZES[size], tie_word_embeddings=False, max_position_embeddings=2048)
@@ -95,8 +94,8 @@ def build_inputs(workdir: Path, size: str, rank: int, seed: int) -> tuple[Path, 
     if not base.exists():
         with atomic_directory(base) as folder:
             specs = [TensorSpec(name, shape, torch.bfloat16) for name, shape in shapes.items()]
-            writer = StreamingSafetensorsWriter(folder, specs, max_shard_size="1GB")
-            for spec in writer.order:
+            writer = ShardedSafetensorsWriter(folder, specs, max_shard_size="1GB")
+            for spec in specs:
                 if spec.name.endswith("norm.weight"):
                     tensor = torch.ones(spec.shape, dtype=torch.bfloat16)
                 else:

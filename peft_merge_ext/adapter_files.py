@@ -256,7 +256,7 @@ def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.d
         state = torch.load(path, map_location="cpu", weights_only=True)
         tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
         return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, tensors.__getitem__
-    from .streaming_safetensors import read_tensor, read_tensor_specs
+    from .checkpoint_reader import read_tensor, read_tensor_specs
 
     specs = {spec.name: (spec.shape, spec.dtype) for spec in read_tensor_specs(path)}
     return specs, lambda key: read_tensor(path, key)

@@ -1,9 +1,11 @@
 """Out-of-core merge: base checkpoint on disk + LoRA adapter folders -> merged checkpoint on disk.
 
-The base model is never loaded: its safetensors files are read one tensor at a time, each targeted weight gets the
-combined delta added (`weight_merge.merge_delta_into_weight`, the same function the in-memory `save_merged` uses, so
-both give bit-identical tensors), and the result is streamed into the output shards. Peak memory is about the largest
-tensor plus the adapters' factors plus a constant, whatever the model size.
+The base model is never loaded: its safetensors files are read one tensor at a time (`checkpoint_reader`), in the
+order their bytes are stored, so the base is read front to back. Each targeted weight gets the combined delta added
+(`weight_merge.merge_delta_into_weight`, the same function the in-memory `save_merged` uses, so both give
+bit-identical tensors), and the result is written straight to its place in the output shards
+(`checkpoint_writer.ShardedSafetensorsWriter`, planned up front, each byte written once). Peak memory is about the
+largest tensor plus the adapters' factors plus a constant, whatever the model size.
 
 Everything is validated (`plan_checkpoint_merge`: files, configs, targets, shapes, architecture, method and options)
 before the output folder is created. The combined factors of a module are computed just before its weight is written
@@ -209,13 +211,13 @@ def _is_hub_id(text: str) -> bool:
 
 
 def _base_tensors(folder: Path, allow_pickle: bool) -> list[_BaseTensor]:
+    from .checkpoint_reader import read_tensor_specs
     from .checkpoint_writer import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-    from .streaming_safetensors import read_tensor_specs
 
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
+        files = sorted(set(weight_map.values()))  # shard 1, 2, ... each read front to back by the merge
     elif (folder / SAFE_WEIGHTS_NAME).is_file():
         files = [SAFE_WEIGHTS_NAME]
     else:
@@ -261,7 +263,7 @@ def _read_base_tensor(tensor: _BaseTensor) -> Any:
         value = state[tensor.stored_name].clone()
         del state
         return value
-    from .streaming_safetensors import read_tensor
+    from .checkpoint_reader import read_tensor
 
     return read_tensor(tensor.file, tensor.stored_name)
 
@@ -754,8 +756,7 @@ def merge_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint_writer import atomic_directory, parse_size
-    from .streaming_safetensors import StreamingSafetensorsWriter, TensorSpec
+    from .checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
     from .weight_merge import merge_delta_into_weight
 
     started = time.perf_counter()
@@ -783,14 +784,15 @@ def merge_checkpoint(
     deltas = _DeltaSource(plan)
     deltas.probe()
     target_device = _resolve_device(device)
-    by_name = {tensor.name: tensor for tensor in plan.tensors}
+    # Tensors are read in the base's storage order (file by file, each front to back: sequential disk reads) and the
+    # output shards are grouped in that same order, so the writes move forward through the output files as well.
     specs = [TensorSpec(t.name, t.shape, plan.output_dtype_of(t)) for t in plan.tensors]
     with atomic_directory(destination, overwrite=overwrite) as temporary:
-        writer = StreamingSafetensorsWriter(temporary, specs, max_shard_size)
+        writer = ShardedSafetensorsWriter(temporary, specs, max_shard_size)
         progress = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="Merging", disable=quiet, leave=False)
         try:
-            for spec in writer.order:
-                tensor = _read_base_tensor(by_name[spec.name])
+            for base_tensor, spec in zip(plan.tensors, specs, strict=True):
+                tensor = _read_base_tensor(base_tensor)
                 if spec.name in plan.targets:
                     delta = deltas.delta(spec.name)
                     merged = merge_delta_into_weight(

@@ -1,10 +1,14 @@
-"""Streaming, sharded safetensors output written into an atomic output folder.
+"""Writing a sharded safetensors checkpoint one tensor at a time, each byte written once, straight to its place.
 
-`ShardedSafetensorsWriter` streams: each tensor's bytes go to disk as soon as it is added (into a spool file beside
-the shard), so the writer holds no tensor in memory whatever `max_shard_size` is; a shard file (safetensors header,
-then the spooled bytes, copied by the kernel) is finished as soon as the next tensor would overflow it.
+`ShardedSafetensorsWriter` is told every tensor's name, shape and dtype up front (`TensorSpec`), so it plans the shards
+and computes every shard's header at construction. `write` then accepts the planned tensors in any order and writes
+each one's bytes at its final offset in its shard file (`os.pwrite`): the writer holds no tensor, needs no spool or
+temporary file and never copies bytes it already wrote, whatever `max_shard_size` is. `finish` checks that every
+planned tensor arrived and writes the index (`model-0000x-of-0000N.safetensors` + `model.safetensors.index.json`, or a
+single `model.safetensors`), the layout transformers' `save_pretrained` produces and `from_pretrained` loads.
+
 `atomic_directory` builds a folder under a temporary name next to its destination and renames it into place only when
-the block finishes without error.
+the block finishes without error. Reading tensors back one at a time is `checkpoint_reader`'s job.
 """
 
 from __future__ import annotations
@@ -16,15 +20,38 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ShardedSafetensorsWriter", "atomic_directory", "parse_size"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ShardedSafetensorsWriter", "TensorSpec", "atomic_directory", "parse_size", "plan_shards"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+# torch dtype name -> safetensors dtype code
+DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_MAX_WRITE = 1 << 30  # bytes per system call (Linux writes at most about 2 GiB at once)
 
 
 def parse_size(size: int | str) -> int:
@@ -39,157 +66,284 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-class ShardedSafetensorsWriter:
-    """Write tensors one by one into `model-0000x-of-0000N.safetensors` shards plus an index (or one file).
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (`torch.bfloat16` -> `"BF16"`).
 
-    Memory stays bounded by one tensor: `add` writes the tensor's bytes to a spool file at once and keeps only its
-    header entry (name, dtype, shape, offsets).
-
-    Args:
-        directory (`str` or `os.PathLike`): Where the shards go (usually the temporary folder of
-            `atomic_directory`).
-        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): Shard size limit; a single larger tensor
-            gets a shard of its own.
-        metadata (`dict[str, str]`, *optional*): safetensors metadata, `{"format": "pt"}` by default.
+    Raises:
+        `TypeError`: For a dtype safetensors cannot store (complex, quantized...).
     """
-
-    def __init__(
-        self, directory: str | os.PathLike, max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None
-    ) -> None:
-        self.directory = Path(directory)
-        self.max_shard_size = parse_size(max_shard_size)
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._pending_bytes = 0
-        self._spool: Any = None
-        self._shards: list[tuple[str, list[str]]] = []
-        self._names: set[str] = set()
-        self.total_size = 0
-        self._finished = False
-
-    def add(self, name: str, tensor: Any) -> None:
-        """Write one tensor's bytes to disk now; first finishes the current shard if this tensor would overflow it."""
-        if self._finished:
-            raise RuntimeError("This writer is finished.")
-        if name in self._names:
-            raise ValueError(f"Tensor {name!r} was added twice.")
-        dtype = _safetensors_dtype(tensor)
-        size = tensor.numel() * tensor.element_size()
-        if self._entries and self._pending_bytes + size > self.max_shard_size:
-            self._flush()
-        if self._spool is None:
-            self._spool = open(self.directory / f".shard-{len(self._shards) + 1:05d}.spool", "wb")  # noqa: SIM115
-        data = tensor.detach().to("cpu").contiguous()
-        self._spool.write(data.reshape(-1).view(_uint8()).numpy().data)
-        self._names.add(name)
-        self._entries[name] = {
-            "dtype": dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [self._pending_bytes, self._pending_bytes + size],
-        }
-        self._pending_bytes += size
-        self.total_size += size
-
-    def _flush(self) -> None:
-        if not self._entries:
-            return
-        spool_path = Path(self._spool.name)
-        self._spool.close()
-        self._spool = None
-        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        temporary_name = f"shard-{len(self._shards) + 1:05d}.safetensors"
-        with open(self.directory / temporary_name, "wb") as shard, open(spool_path, "rb") as spool:
-            shard.write(struct.pack("<Q", len(header)))
-            shard.write(header)
-            shard.flush()
-            _copy_file(spool, shard, self._pending_bytes)
-        spool_path.unlink()
-        self._shards.append((temporary_name, list(self._entries)))
-        self._entries, self._pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Write the last shard, give the shards their final names and write the index when there are several.
-
-        Returns:
-            `list[str]`: The file names written, in order.
-        """
-        self._flush()
-        self._finished = True
-        if not self._shards:
-            raise ValueError("No tensors were written.")
-        if len(self._shards) == 1:
-            os.replace(self.directory / self._shards[0][0], self.directory / SAFE_WEIGHTS_NAME)
-            return [SAFE_WEIGHTS_NAME]
-        count = len(self._shards)
-        weight_map: dict[str, str] = {}
-        files = []
-        for number, (temporary_name, names) in enumerate(self._shards, start=1):
-            final_name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(self.directory / temporary_name, self.directory / final_name)
-            files.append(final_name)
-            weight_map.update(dict.fromkeys(names, final_name))
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return [*files, SAFE_WEIGHTS_INDEX_NAME]
-
-    def close(self) -> None:
-        """Drop an unfinished spool file (after an error); the folder itself is cleaned by `atomic_directory`."""
-        if self._spool is not None:
-            self._spool.close()
-            Path(self._spool.name).unlink(missing_ok=True)
-            self._spool = None
-
-
-def _uint8() -> Any:
-    import torch
-
-    return torch.uint8
-
-
-def _safetensors_dtype(tensor: Any) -> str:
-    import torch
-
-    names = {
-        "float64": "F64",
-        "float32": "F32",
-        "float16": "F16",
-        "bfloat16": "BF16",
-        "float8_e4m3fn": "F8_E4M3",
-        "float8_e5m2": "F8_E5M2",
-        "int64": "I64",
-        "int32": "I32",
-        "int16": "I16",
-        "int8": "I8",
-        "uint64": "U64",
-        "uint32": "U32",
-        "uint16": "U16",
-        "uint8": "U8",
-        "bool": "BOOL",
-    }
-    code = names.get(str(tensor.dtype).removeprefix("torch."))
-    if code is None or not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"Cannot write a tensor of dtype {tensor.dtype} to safetensors.")
-    if tensor.is_sparse or tensor.device.type == "meta":
-        raise ValueError(f"Cannot write a {tensor.layout} tensor on device {tensor.device} (no data) to safetensors.")
+    code = DTYPE_CODES.get(str(dtype).removeprefix("torch."))
+    if code is None:
+        raise TypeError(f"Cannot write a tensor of dtype {dtype} to safetensors.")
     return code
 
 
-def _copy_file(source: Any, target: Any, length: int) -> None:
-    """Append `length` bytes of `source` to `target` without holding them in memory (kernel copy when possible)."""
-    copied = 0
-    copy_file_range = getattr(os, "copy_file_range", None)
-    if copy_file_range is not None:
-        with contextlib.suppress(OSError):
-            while copied < length:
-                step = copy_file_range(source.fileno(), target.fileno(), length - copied)
-                if step == 0:
-                    break
-                copied += step
-    if copied < length:
-        source.seek(copied)
-        target.seek(0, os.SEEK_END)
-        shutil.copyfileobj(source, target, 16 * 2**20)
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor of a checkpoint: its name, shape and dtype.
+
+    Args:
+        name (`str`): The state-dict key.
+        shape (`tuple[int, ...]`): Its shape.
+        dtype (`torch.dtype`): Its dtype.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(size) for size in self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in bytes."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str = "5GB") -> list[list[TensorSpec]]:
+    """Group tensors into shards: consecutive in `specs` order, a new shard when the next tensor would overflow the
+    current one; a tensor larger than the limit gets a shard of its own.
+
+    Args:
+        specs (`Sequence[TensorSpec]`): The tensors, in grouping order.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): Shard size limit.
+
+    Returns:
+        `list[list[TensorSpec]]`: The shards, each in `specs` order.
+    """
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_bytes = 0
+    for spec in specs:
+        if current and current_bytes + spec.nbytes > limit:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(spec)
+        current_bytes += spec.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a planned tensor goes: its spec, its shard and the absolute byte offset of its data in that file."""
+
+    spec: TensorSpec
+    shard: int
+    offset: int
+
+
+def _shard_header(shard: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, list[TensorSpec]]:
+    """The encoded header (length prefix included) of one shard and its tensors in data order.
+
+    Larger elements come first (stable, so `specs` order otherwise): with the header padded to a multiple of 8 bytes,
+    every tensor then starts at a multiple of its element size, as safetensors' own writer arranges it.
+    """
+    ordered = sorted(shard, key=lambda spec: -spec.dtype.itemsize)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for spec in ordered:
+        header[spec.name] = {
+            "dtype": dtype_code(spec.dtype),
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, ordered
+
+
+class ShardedSafetensorsWriter:
+    """Write planned tensors, in any order, straight to their final place in `model-0000x-of-0000N.safetensors`
+    shards plus an index (or one `model.safetensors`).
+
+    Memory: no tensor is kept (each one's bytes are written during `write`), and at most one shard file is open.
+
+    Args:
+        directory (`str` or `os.PathLike`): An existing folder for the shards (usually the temporary folder of
+            `atomic_directory`).
+        specs (`Sequence[TensorSpec]`): Every tensor that will be written, in shard-grouping order.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): Shard size limit; a single larger tensor
+            gets a shard of its own.
+        metadata (`dict[str, str]`, *optional*): safetensors metadata, `{"format": "pt"}` by default.
+
+    Raises:
+        `ValueError`: When `specs` is empty, names repeat or `max_shard_size` is invalid.
+        `TypeError`: When a dtype cannot be stored in safetensors.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        max_shard_size: int | str = "5GB",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        specs = list(specs)
+        if not specs:
+            raise ValueError("No tensors to write: pass the TensorSpec of every tensor.")
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            repeated = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"Tensor names must be unique; {repeated!r} is planned twice.")
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.specs = specs
+        self.total_size = sum(spec.nbytes for spec in specs)
+        grouped = plan_shards(specs, max_shard_size)
+        count = len(grouped)
+        self.file_names = (
+            [SAFE_WEIGHTS_NAME]
+            if count == 1
+            else [f"model-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+        )
+        self._headers: list[bytes] = []
+        self.shards: list[list[TensorSpec]] = []
+        self._slots: dict[str, _Slot] = {}
+        for index, shard in enumerate(grouped):
+            header, ordered = _shard_header(shard, self.metadata)
+            self._headers.append(header)
+            self.shards.append(ordered)
+            offset = len(header)
+            for spec in ordered:
+                self._slots[spec.name] = _Slot(spec, index, offset)
+                offset += spec.nbytes
+        self._written: set[str] = set()
+        self._created: set[int] = set()
+        self._fd: int | None = None
+        self._fd_shard = -1
+        self._finished = False
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor's bytes at its offset in its shard file (created on first use).
+
+        Args:
+            name (`str`): A planned tensor name not written yet.
+            tensor (`torch.Tensor`): Its value, of the planned shape and dtype, on any device.
+
+        Raises:
+            `ValueError`: When `name` is not planned or already written, the shape or dtype differ from the plan, or
+                the tensor has no data (meta device).
+        """
+        if self._finished:
+            raise ValueError(f"This writer is finished; cannot write {name!r}.")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"Tensor {name!r} is not in the writer's plan; plan every tensor up front.")
+        if name in self._written:
+            raise ValueError(f"Tensor {name!r} was already written.")
+        spec = slot.spec
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"Tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, but the plan says {spec.shape} "
+                f"{spec.dtype}."
+            )
+        if tensor.is_sparse or tensor.device.type == "meta":
+            raise ValueError(f"Tensor {name!r} ({tensor.layout} on {tensor.device}) has no data to write.")
+        fd = self._shard_fd(slot.shard)
+        if spec.nbytes:
+            import torch
+
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            _write_at(fd, memoryview(data), slot.offset)
+            del data
+        self._written.add(name)
+
+    def _shard_fd(self, shard: int) -> int:
+        """The open file of `shard`: created with its header on first use; at most one shard file is open."""
+        if self._fd_shard == shard and self._fd is not None:
+            return self._fd
+        self._close_fd()
+        path = self.directory / self.file_names[shard]
+        if shard in self._created:
+            self._fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+            self._created.add(shard)
+            _write_at(self._fd, memoryview(self._headers[shard]), 0)
+        self._fd_shard = shard
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._fd_shard = None, -1
+
+    @property
+    def missing(self) -> list[str]:
+        """Planned tensors not written yet, in plan order."""
+        return [spec.name for spec in self.specs if spec.name not in self._written]
+
+    def finish(self) -> list[str]:
+        """Check that every planned tensor was written, close the files and write the index when there are several
+        shards.
+
+        Returns:
+            `list[str]`: The file names written (shards, then the index), in order.
+
+        Raises:
+            `ValueError`: When a planned tensor was not written (the message names the first one).
+        """
+        if self._finished:
+            raise ValueError("This writer is already finished.")
+        missing = self.missing
+        if missing:
+            raise ValueError(
+                f"{len(missing)} planned tensor(s) were not written, starting with {missing[0]!r}; write every "
+                "planned tensor before finish()."
+            )
+        self._close_fd()
+        self._finished = True
+        if len(self.file_names) == 1:
+            return list(self.file_names)
+        weight_map = {
+            spec.name: file_name
+            for file_name, shard in zip(self.file_names, self.shards, strict=True)
+            for spec in shard
+        }
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [*self.file_names, SAFE_WEIGHTS_INDEX_NAME]
+
+    def close(self) -> None:
+        """Close the open shard file; before a successful `finish` (an error path), also delete the incomplete shard
+        files this writer created. Safe to call more than once."""
+        self._close_fd()
+        if not self._finished:
+            for shard in sorted(self._created):
+                (self.directory / self.file_names[shard]).unlink(missing_ok=True)
+            self._created.clear()
+            self._written.clear()
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd` (several calls when the system writes less at once)."""
+    data = data.cast("B")
+    pwrite = getattr(os, "pwrite", None)
+    written = 0
+    while written < len(data):
+        chunk = data[written : written + _MAX_WRITE]
+        if pwrite is not None:
+            step = pwrite(fd, chunk, offset + written)
+        else:  # pragma: no cover (Windows has no pwrite)
+            os.lseek(fd, offset + written, os.SEEK_SET)
+            step = os.write(fd, chunk)
+        if step <= 0:
+            raise OSError(f"Could not write at offset {offset + written} (wrote {step} bytes).")
+        written += step
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
 """`save_merged` / `push_merged`: publish ONE model (or one combined adapter) from a model carrying LoRA adapters.
 
 The user's model is never modified: merged weights are computed module by module from the base weights and the
-adapters' canonical factors (`weight_merge.merge_delta_into_weight`) and streamed into safetensors shards
-(`checkpoint_writer.ShardedSafetensorsWriter`) inside an atomic output folder. Extra memory is one merged tensor at a
-time, plus, for modules offloaded by accelerate, one onloaded module.
+adapters' canonical factors (`weight_merge.merge_delta_into_weight`) and each one is written straight to its place
+in safetensors shards planned up front from the tensors' names, shapes and dtypes
+(`checkpoint_writer.ShardedSafetensorsWriter`, each byte written once) inside an atomic output folder. Extra memory
+is one merged tensor at a time, plus, for modules offloaded by accelerate, one onloaded module.
 
 Where the merged delta comes from:
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint_writer import ShardedSafetensorsWriter, atomic_directory, parse_size
+from .checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
 from .contract import LowRankDelta
 from .errors import AdapterCompatibilityError, MergeInputError
 from .merge_info import AdapterInfo, MergeInfo
@@ -464,6 +465,16 @@ class MergedWeightsSource:
             return tensor.to(self.dtype)
         return tensor
 
+    def specs(self) -> list[TensorSpec]:
+        """Name, shape and output dtype of every tensor `tensors()` yields, in the same order, without onloading
+        anything (offloaded parameters keep their shape and dtype on the meta device)."""
+        return [
+            TensorSpec(entry.key, tuple(tensor.shape), _output_dtype(tensor.dtype, self.dtype))
+            for entry in self.entries
+            if entry.key not in self._skip
+            for tensor in [getattr(entry.module, entry.attribute)]
+        ]
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(key, tensor)` in model order; each merged tensor is computed just before it is yielded, offloaded
         modules are onloaded one at a time."""
@@ -488,6 +499,11 @@ class MergedWeightsSource:
             if entry is not None:
                 group.append(entry)
                 group_root = root
+
+
+def _output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is written in: `requested` for floating-point tensors when given, else its own."""
+    return requested if requested is not None and stored.is_floating_point else stored
 
 
 def _nearest_offloaded(module: torch.nn.Module, parents: dict[int, torch.nn.Module]) -> torch.nn.Module | None:
@@ -533,8 +549,27 @@ class CheckpointWeightsSource:
                 f"The base checkpoint folder {folder.name!r} has no safetensors weights; point base_checkpoint at the "
                 "folder of the full-precision base model in safetensors format."
             )
+        from .checkpoint_reader import read_tensor_specs
+
+        # Stored tensors in storage order (file by file, each front to back), so the checkpoint is read sequentially.
+        stored: dict[str, TensorSpec] = {}
+        for file_name in sorted(set(weight_map.values())):
+            if not (folder / file_name).is_file():
+                raise MergeInputError(
+                    f"The base checkpoint {folder.name!r} names {file_name} in its index, but the file is missing."
+                )
+            for spec in read_tensor_specs(folder / file_name):
+                if weight_map.get(spec.name) == file_name:
+                    stored[spec.name] = spec
+        unlisted = [key for key in weight_map if key not in stored]
+        if unlisted:
+            raise MergeInputError(
+                f"The base checkpoint {folder.name!r} lists {unlisted[:3]} in its index but its files do not hold "
+                "them; the checkpoint is incomplete."
+            )
         # key to write -> (file, key stored in the checkpoint)
-        self.reads: dict[str, tuple[str, str]] = {key: (file, key) for key, file in weight_map.items()}
+        self.reads: dict[str, tuple[str, str]] = {key: (weight_map[key], key) for key in stored}
+        self._stored = stored
         self.untied: list[str] = []
         for target, source in tied.items():
             if target in weight_map or source not in weight_map:
@@ -544,15 +579,22 @@ class CheckpointWeightsSource:
                 self.untied.extend([target, source])
         _check_target_keys(list(self.reads), deltas, f"base checkpoint {folder.name!r}")
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield `(key, tensor)` in checkpoint order, merged where an adapter touches the weight."""
-        from safetensors import safe_open
+    def specs(self) -> list[TensorSpec]:
+        """Name, shape and output dtype of every tensor `tensors()` yields, in the same order (from the safetensors
+        headers, without reading any weight)."""
+        specs = []
+        for key, (_, stored_key) in self.reads.items():
+            spec = self._stored[stored_key]
+            specs.append(TensorSpec(key, spec.shape, _output_dtype(spec.dtype, self.dtype)))
+        return specs
 
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(key, tensor)` in storage order of the checkpoint, merged where an adapter touches the weight."""
+        from .checkpoint_reader import read_tensor
         from .weight_merge import merge_delta_into_weight
 
         for key, (file_name, stored_key) in self.reads.items():
-            with safe_open(str(self.folder / file_name), framework="pt") as handle:
-                tensor = handle.get_tensor(stored_key)
+            tensor = read_tensor(self.folder / file_name, stored_key)
             delta = self.deltas.get(key)
             if delta is not None:
                 yield key, merge_delta_into_weight(tensor, delta.delta, delta.transpose, self.dtype)
@@ -998,13 +1040,10 @@ def _write(plan: _Plan, folder: Path, max_shard_size: int | str) -> None:
     else:
         source = MergedWeightsSource(base, plan.deltas, plan.dtype)
         dtype = plan.dtype or _model_dtype(base)
-    writer = ShardedSafetensorsWriter(folder, max_shard_size)
-    try:
+    with ShardedSafetensorsWriter(folder, source.specs(), max_shard_size) as writer:
         for key, tensor in source.tensors():
-            writer.add(key, tensor)
+            writer.write(key, tensor)
         writer.finish()
-    finally:
-        writer.close()
     if source.untied:
         names = ", ".join(f"`{key}`" for key in sorted(set(source.untied)))
         plan.notes.append(

@@ -251,10 +251,10 @@ def test_existing_output_folder_is_kept(llama_files, tmp_path):
 
 
 def test_failure_while_streaming_leaves_no_output(llama_files, tmp_path, monkeypatch):
-    import peft_merge_ext.streaming_safetensors as streaming
+    import peft_merge_ext.checkpoint_reader as reader
 
     base, folders, _ = llama_files
-    original, calls = streaming.read_tensor, []
+    original, calls = reader.read_tensor, []
 
     def failing_read(path, name):
         calls.append(name)
@@ -262,7 +262,7 @@ def test_failure_while_streaming_leaves_no_output(llama_files, tmp_path, monkeyp
             raise OSError("disk went away")
         return original(path, name)
 
-    monkeypatch.setattr(streaming, "read_tensor", failing_read)
+    monkeypatch.setattr(reader, "read_tensor", failing_read)
     with pytest.raises(OSError, match="disk went away"):
         merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
     _assert_nothing_written(tmp_path)
@@ -381,54 +381,6 @@ def test_cuda_request_without_cuda_falls_back_to_cpu(llama_files, tmp_path):
         return
     with pytest.warns(UserWarning, match="CUDA is not available"):
         merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", device="cuda", quiet=True)
-
-
-def test_streaming_writer_matches_the_sharded_writer_layout(tmp_path):
-    from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter
-    from peft_merge_ext.streaming_safetensors import StreamingSafetensorsWriter, TensorSpec, read_tensor_specs
-
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "odd.bf16": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
-        "big.f32": torch.randn(40, 33, generator=generator),
-        "mask": torch.tensor([True, False, True]),
-        "ids": torch.arange(7, dtype=torch.int64),
-        "scalar": torch.tensor(2.5, dtype=torch.float16),
-        "half": torch.randn(17, generator=generator).to(torch.float16),
-    }
-    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    writer = StreamingSafetensorsWriter(tmp_path / "streamed", specs, max_shard_size="2KB")
-    (tmp_path / "streamed").mkdir()
-    for spec in writer.order:
-        writer.write(spec.name, tensors[spec.name])
-    files = writer.finish()
-    reference = ShardedSafetensorsWriter(tmp_path / "reference", max_shard_size="2KB")
-    (tmp_path / "reference").mkdir()
-    for name, tensor in tensors.items():
-        reference.add(name, tensor)
-    assert files == reference.finish()
-    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
-    assert index == json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())
-    loaded = load_weights(tmp_path / "streamed")
-    assert set(loaded) == set(tensors)
-    for name, tensor in tensors.items():
-        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    for file_name in files[:-1]:
-        assert {s.name for s in read_tensor_specs(tmp_path / "streamed" / file_name)} <= set(tensors)
-
-
-def test_streaming_writer_refuses_tensors_out_of_plan(tmp_path):
-    from peft_merge_ext.streaming_safetensors import StreamingSafetensorsWriter, TensorSpec
-
-    specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (3,), torch.float32)]
-    writer = StreamingSafetensorsWriter(tmp_path, specs)
-    with pytest.raises(ValueError, match="Expected tensor 'a'"):
-        writer.write("b", torch.zeros(3))
-    with pytest.raises(ValueError, match="Expected tensor 'a'"):
-        writer.write("a", torch.zeros(2, dtype=torch.float16))
-    writer.write("a", torch.zeros(2))
-    with pytest.raises(ValueError, match="were not written"):
-        writer.finish()
 
 
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])

@@ -285,15 +285,15 @@ def test_bitsandbytes_base_merges_into_checkpoint_weights(tmp_path):
 def test_failure_midway_leaves_no_folder_and_model_unchanged(llama_peft, tmp_path, monkeypatch):
     before = _snapshot(llama_peft)
     calls = []
-    original_add = ShardedSafetensorsWriter.add
+    original_write = ShardedSafetensorsWriter.write
 
-    def failing_add(self, name, tensor):
+    def failing_write(self, name, tensor):
         calls.append(name)
         if len(calls) == 5:
             raise OSError("disk full (simulated)")
-        return original_add(self, name, tensor)
+        return original_write(self, name, tensor)
 
-    monkeypatch.setattr(ShardedSafetensorsWriter, "add", failing_add)
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         llama_peft.save_merged(tmp_path / "out", max_shard_size="10KB")
     assert not (tmp_path / "out").exists()
