@@ -625,6 +625,7 @@ def build_merge_info(plan: MergePlan, report: Any) -> Any:
                 else [str(adapter.config.target_modules)],
                 use_rslora=bool(adapter.config.use_rslora),
                 sha256=adapter.sha256,
+                sha256_of="adapter_model.safetensors",
             )
         )
     if plan.out_dtype is not None:

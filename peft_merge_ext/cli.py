@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="Print JSON.")
 
     demo = commands.add_parser("demo", help="Build tiny local models and merge them (no download).")
-    demo.add_argument("--out", help="Keep the results in this folder (default: a temporary folder).")
+    demo.add_argument(
+        "--out",
+        default="peft-merge-ext-demo",
+        help="Keep the results (base, adapters, merged models and their model cards) in this folder "
+        "(default: ./peft-merge-ext-demo, replaced on each run).",
+    )
 
     merge = commands.add_parser("merge", help="Merge adapters into a base checkpoint on disk, streaming.")
     _add_merge_arguments(merge)

@@ -153,6 +153,7 @@ def run_demo(out: str | Path | None = None) -> dict[str, Any]:
         )
         if out is not None:
             print(f"Files kept in {folder}: base/, adapters/, combined-adapter/, merged-in-memory/, merged/.")
+            print(f"Model card of the merged model: {folder / 'merged' / 'README.md'}")
         return {
             "report": report.summary(),
             "files": result.files,

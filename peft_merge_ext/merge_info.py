@@ -22,7 +22,10 @@ class AdapterInfo:
         alpha (`float`): `lora_alpha`.
         target_modules (`list[str]`): Its target modules.
         use_rslora (`bool`): Whether it uses rank-stabilized scaling.
-        sha256 (`str`, *optional*): SHA-256 of its weights (safetensors bytes or canonical tensor bytes).
+        sha256 (`str`, *optional*): SHA-256 of its weights.
+        sha256_of (`str`, *optional*): What `sha256` hashes: `"adapter_model.safetensors"` (the file's bytes, the
+            same digest the Hub shows for that LFS file) or `"tensors"` (module name, dtype, shape and bytes of the
+            LoRA factors in model order, for adapters that only exist in memory).
     """
 
     name: str
@@ -33,6 +36,7 @@ class AdapterInfo:
     target_modules: list[str]
     use_rslora: bool = False
     sha256: str | None = None
+    sha256_of: str | None = None
 
 
 @dataclass

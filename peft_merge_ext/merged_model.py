@@ -721,6 +721,7 @@ def _adapter_info(target: _AdapterModel, adapter: str, weight: float) -> Adapter
         target_modules=sorted(modules or []),
         use_rslora=bool(getattr(config, "use_rslora", False)),
         sha256=adapter_sha256(target.base, adapter),
+        sha256_of="tensors",
     )
 
 

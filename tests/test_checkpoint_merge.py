@@ -3,6 +3,7 @@ in-memory `save_merged` and to PEFT's `merge_and_unload`, everything validated b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -364,6 +365,10 @@ def test_merge_info_and_report(llama_files, tmp_path):
     assert [a.source for a in info.adapters] == ["a", "b"]  # folder names, never full paths
     assert info.adapters[1].use_rslora and info.adapters[0].rank == 4
     assert info.adapters[0].sha256 == read_adapter(folders["a"]).sha256
+    # The card's digest is the plain sha256 of the adapter file, as the Hub shows it for LFS files, and says so.
+    digest = hashlib.sha256((folders["b"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    card = (result.path / "README.md").read_text()
+    assert f"`{digest}`" in card and "sha256 is that of each adapter's `adapter_model.safetensors` file" in card
     modules = {m.name for m in result.report.modules}
     assert "model.layers.0.self_attn.k_proj" in modules and "model.embed_tokens" in modules
     assert all(m.stats["t"] == 0.25 for m in result.report.modules)

@@ -109,6 +109,7 @@ def test_plugin_combination_matches_add_weighted_adapter(llama_peft, tmp_path):
     torch.testing.assert_close(logits, _peft_logits(reference), rtol=1e-5, atol=1e-5)
     card = (folder / "README.md").read_text()
     assert "slerp" in card and "| a | 0.7 | 4 | 8.0 |" in card
+    assert "sha256 is computed over each adapter's LoRA tensors" in card  # in memory there is no adapter file
 
 
 @pytest.mark.parametrize("combination_type", ["cat", "svd"])
