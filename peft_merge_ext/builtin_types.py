@@ -13,21 +13,21 @@ import torch
 
 from .contract import LowRankDelta, ModuleContext
 from .errors import CombinationError, MergeInputError
-from .factor_math import gram_matrix, karcher_coefficients, linear_combination, slerp_coefficients
+from .factor_math import FactoredSpan, karcher_coefficients, slerp_coefficients
 from .hookspecs import hookimpl
 
 __all__ = ["average", "karcher", "register_combination_types", "resolve_t", "slerp", "weighted"]
 
 
-def _finish(deltas: Sequence[LowRankDelta], coefficients: Sequence[float], context: ModuleContext) -> LowRankDelta:
-    merged, stats = linear_combination(deltas, coefficients, context.svd_rank)
+def _finish(span: FactoredSpan, coefficients: Sequence[float], context: ModuleContext) -> LowRankDelta:
+    merged, stats = span.combine(coefficients, context.svd_rank)
     context.record(rank=stats.rank, numerical_rank=stats.numerical_rank, energy_kept=stats.energy_kept)
     return merged
 
 
 def weighted(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: ModuleContext) -> LowRankDelta:
     """`sum(w_i D_i)` with the weights exactly as given (negative weights subtract)."""
-    return _finish(deltas, weights, context)
+    return _finish(FactoredSpan.from_deltas(deltas), weights, context)
 
 
 def _validate_weighted(weights: list[float], options: dict[str, Any]) -> None:
@@ -49,7 +49,7 @@ def _validate_average(weights: list[float], options: dict[str, Any]) -> None:
 def average(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: ModuleContext) -> LowRankDelta:
     """`sum(w_i D_i) / sum(w_i)`: equal weights give the plain mean."""
     total = sum(weights)
-    return _finish(deltas, [w / total for w in weights], context)
+    return _finish(FactoredSpan.from_deltas(deltas), [w / total for w in weights], context)
 
 
 def _check_non_negative(name: str, weights: list[float]) -> None:
@@ -138,9 +138,10 @@ def slerp(
 ) -> LowRankDelta:
     """Spherical interpolation `sin((1-t) theta)/sin(theta) D_1 + sin(t theta)/sin(theta) D_2`."""
     factor = resolve_t(t, weights, context)
-    coefficients, theta = slerp_coefficients(gram_matrix(deltas), factor)
+    span = FactoredSpan.from_deltas(deltas)
+    coefficients, theta = slerp_coefficients(span.gram(), factor)
     context.record(t=factor, theta_degrees=None if theta is None else math.degrees(theta))
-    return _finish(deltas, coefficients, context)
+    return _finish(span, coefficients, context)
 
 
 def _validate_karcher(weights: list[float], options: dict[str, Any]) -> None:
@@ -164,9 +165,10 @@ def karcher(
     """Weighted Karcher mean of the directions `D_i / |D_i|` on the sphere, rescaled by the mean norm."""
     total = sum(weights)
     normalized = [w / total for w in weights]
-    result = karcher_coefficients(gram_matrix(deltas).to(torch.float64), normalized, tol=tol, max_iter=max_iter)
+    span = FactoredSpan.from_deltas(deltas)
+    result = karcher_coefficients(span.gram().to(torch.float64), normalized, tol=tol, max_iter=max_iter)
     context.record(iterations=result.iterations, converged=result.converged)
-    return _finish(deltas, result.coefficients.tolist(), context)
+    return _finish(span, result.coefficients.tolist(), context)
 
 
 @hookimpl

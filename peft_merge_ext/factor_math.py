@@ -2,10 +2,12 @@
 
 With deltas `D_i = B_i @ A_i` (`B_i`: `m x r_i`, `A_i`: `r_i x n`) and `R = sum(r_i)`:
 
-- `gram_matrix`: `<D_i, D_j>_F = sum((B_i^T B_j) * (A_i A_j^T))`, costing `O((m + n) R^2)`.
+- `gram_matrix`: `<D_i, D_j>_F = sum((B_i^T B_j) * (A_i A_j^T))`, costing `O((m + n) R^2)` (two stacked products).
 - `linear_combination`: `sum(c_i D_i) = [c_1 B_1 ... c_k B_k] @ [A_1; ...; A_k]`, then `compress`.
 - `compress`: QR of the stacked `B` and of the stacked `A^T`, SVD of the small `R x R` core: the exact numerical
   rank, or the optimal rank-k truncation (Eckart-Young), with balanced factors `U sqrt(S)`, `sqrt(S) V^T`.
+- `FactoredSpan`: that QR pair computed once per module, from which the Gram matrix and any linear combination follow
+  with `R x R` work (what SLERP and Karcher use).
 - `slerp_coefficients` / `karcher_coefficients`: spherical interpolation and the spherical (Karcher) mean of the
   deltas, computed on coefficient vectors with the Gram matrix alone; the result stays in the deltas' span.
 """
@@ -22,6 +24,7 @@ from .contract import LowRankDelta
 
 __all__ = [
     "CompressionStats",
+    "FactoredSpan",
     "KarcherResult",
     "compress",
     "compute_dtype_for",
@@ -72,30 +75,127 @@ def gram_matrix(deltas: Sequence[LowRankDelta]) -> torch.Tensor:
     Returns:
         `torch.Tensor`: The symmetric `k x k` Gram matrix, in the deltas' dtype.
     """
-    k = len(deltas)
-    first = deltas[0]
-    gram = torch.zeros(k, k, dtype=first.B.dtype, device=first.B.device)
-    for i in range(k):
-        for j in range(i, k):
-            value = ((deltas[i].B.T @ deltas[j].B) * (deltas[i].A @ deltas[j].A.T)).sum()
-            gram[i, j] = value
-            gram[j, i] = value
-    return gram
+    stacked_b = torch.cat([delta.B for delta in deltas], dim=1)
+    stacked_a = torch.cat([delta.A for delta in deltas], dim=0)
+    return _block_sums((stacked_b.T @ stacked_b) * (stacked_a @ stacked_a.T), [delta.rank for delta in deltas])
 
 
-def _numerical_rank(singular_values: torch.Tensor, size: int, scale: float) -> int:
+def _block_sums(product: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """`G[i, j]` = the sum of block `(i, j)` of the `R x R` matrix `product` (blocks of sizes `ranks`), symmetrized."""
+    blocks = torch.zeros(len(ranks), product.shape[0], dtype=product.dtype, device=product.device)
+    start = 0
+    for index, rank in enumerate(ranks):
+        blocks[index, start : start + rank] = 1.0
+        start += rank
+    gram = blocks @ product @ blocks.T
+    return (gram + gram.T) / 2
+
+
+def _numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], stacked: int, scale: float) -> int:
+    """The count of singular values above numpy's `matrix_rank` tolerance `S_max * max(shape) * eps` and above the
+    rounding noise of the factored product, `8 * R * eps * |B|_2 |A|_2` (`R` = `stacked`; measured: below 2 R eps)."""
     if singular_values.numel() == 0 or singular_values[0] <= 0:
         return 0
-    tolerance = max(float(singular_values[0]), scale) * size * torch.finfo(singular_values.dtype).eps
+    eps = torch.finfo(singular_values.dtype).eps
+    tolerance = max(float(singular_values[0]) * max(shape) * eps, scale * 8 * stacked * eps)
     return int((singular_values > tolerance).sum())
+
+
+@dataclass(frozen=True)
+class FactoredSpan:
+    """Deltas `D_1 ... D_k` stacked and orthogonalized once: `[B_1 ... B_k] = Q_b R_b`, `[A_1; ...; A_k]^T = Q_a R_a`.
+
+    Their Gram matrix and any linear combination of them then cost only `R x R` work (plus mapping the result back
+    with `Q_b` and `Q_a`): SLERP and Karcher means use one QR pair per module, not one for the Gram matrix and one
+    for the result.
+
+    Args:
+        q_b (`torch.Tensor`): `(out, min(out, R))`, orthonormal columns.
+        r_b (`torch.Tensor`): `(min(out, R), R)`.
+        q_a (`torch.Tensor`): `(in, min(in, R))`, orthonormal columns.
+        r_a (`torch.Tensor`): `(min(in, R), R)`.
+        ranks (`tuple[int, ...]`): The rank `r_i` of each delta, in stacking order.
+    """
+
+    q_b: torch.Tensor
+    r_b: torch.Tensor
+    q_a: torch.Tensor
+    r_a: torch.Tensor
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def from_deltas(cls, deltas: Sequence[LowRankDelta]) -> FactoredSpan:
+        """QR-factorize the stacked factors of `deltas` (all of the same `(out, in)` shape)."""
+        if not deltas:
+            raise ValueError("FactoredSpan needs at least one delta.")
+        shapes = {delta.shape for delta in deltas}
+        if len(shapes) != 1:
+            raise ValueError(f"All deltas must have the same (out, in) shape, got {sorted(shapes)}.")
+        stacked_b = torch.cat([delta.B for delta in deltas], dim=1) if len(deltas) > 1 else deltas[0].B
+        stacked_a = torch.cat([delta.A for delta in deltas], dim=0) if len(deltas) > 1 else deltas[0].A
+        q_b, r_b = torch.linalg.qr(stacked_b)  # B = Q_b R_b
+        q_a, r_a = torch.linalg.qr(stacked_a.T)  # A = R_a^T Q_a^T
+        return cls(q_b, r_b, q_a, r_a, tuple(delta.rank for delta in deltas))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The `(out, in)` shape of the deltas."""
+        return (self.q_b.shape[0], self.q_a.shape[0])
+
+    def _expand(self, per_delta: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """One value per stacked column: `per_delta[i]` repeated `r_i` times."""
+        values = torch.as_tensor(per_delta, dtype=self.r_b.dtype).to(self.r_b.device)
+        return values.repeat_interleave(torch.tensor(self.ranks, device=self.r_b.device))
+
+    def gram(self) -> torch.Tensor:
+        """The `k x k` Gram matrix `<D_i, D_j>_F`: the block sums of `(B^T B) * (A A^T)` with `B^T B = R_b^T R_b`."""
+        return _block_sums((self.r_b.T @ self.r_b) * (self.r_a.T @ self.r_a), self.ranks)
+
+    def combine(
+        self, coefficients: Sequence[float] | torch.Tensor, max_rank: int | None = None
+    ) -> tuple[LowRankDelta, CompressionStats]:
+        """Exactly `sum(c_i D_i)` at its numerical rank, or its optimal rank-`max_rank` truncation.
+
+        Args:
+            coefficients (`Sequence[float]` or `torch.Tensor`): One coefficient per delta.
+            max_rank (`int`, *optional*): Upper bound on the output rank.
+        """
+        if len(coefficients) != len(self.ranks):
+            raise ValueError(f"Got {len(self.ranks)} deltas but {len(coefficients)} coefficients.")
+        scaled_r_b = self.r_b * self._expand(coefficients)  # c_i B_i = Q_b (R_b diag(c))
+        return _compress_core(self.q_b, scaled_r_b, self.q_a, self.r_a, max_rank)
+
+
+def _compress_core(
+    q_b: torch.Tensor, r_b: torch.Tensor, q_a: torch.Tensor, r_a: torch.Tensor, max_rank: int | None
+) -> tuple[LowRankDelta, CompressionStats]:
+    """`Q_b R_b R_a^T Q_a^T` re-factorized through the SVD of the small core `R_b R_a^T`."""
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank}.")
+    out_features, in_features = q_b.shape[0], q_a.shape[0]
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    # |B|_2 |A|_2 (= |R_b|_2 |R_a|_2) sets the size of the rounding error of the factored product.
+    scale = float(torch.linalg.matrix_norm(r_b, ord=2) * torch.linalg.matrix_norm(r_a, ord=2)) if s.numel() else 0.0
+    numerical_rank = _numerical_rank(s, (out_features, in_features), r_b.shape[1], scale)
+    rank = numerical_rank if max_rank is None else min(numerical_rank, max_rank)
+    if rank == 0:
+        zero = LowRankDelta(q_b.new_zeros(out_features, 1), q_a.new_zeros(1, in_features))
+        return zero, CompressionStats(rank=1, numerical_rank=0, energy_kept=1.0)
+    root = s[:rank].sqrt()
+    new_b = q_b @ (u[:, :rank] * root)  # the small matrices take the scaling, the big products are single GEMMs
+    new_a = (root[:, None] * vh[:rank]) @ q_a.T
+    energies = s[:numerical_rank] ** 2
+    total_energy = float(energies.sum())
+    energy = float(energies[:rank].sum()) / total_energy if total_energy > 0 else 1.0
+    return LowRankDelta(new_b, new_a), CompressionStats(rank, numerical_rank, energy)
 
 
 def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> tuple[LowRankDelta, CompressionStats]:
     """Re-factorize `B @ A` to its exact numerical rank, or to the optimal rank `max_rank` if that is lower.
 
-    The tolerance is numpy's `matrix_rank` rule, `S_max * max(out, in, R) * eps(dtype)`, with `S_max` raised to
-    `|B|_2 |A|_2` (the scale of the rounding error of the factored product): singular values at most that are treated
-    as zero, so that cancellations (such as `D - D`) give rank 0 as a dense computation would, not rank-R noise.
+    Singular values are treated as zero up to numpy's `matrix_rank` tolerance, `S_max * max(out, in) * eps(dtype)`,
+    or up to the rounding noise of the factored product, `8 * R * eps * |B|_2 |A|_2`, if that is larger: so that
+    cancellations (such as `D - D`) give rank 0 as a dense computation would, not rank-R noise.
     Cost: `O((out + in) R^2 + R^3)` for `R = B.shape[1]`; `out x in` is never formed.
 
     Args:
@@ -107,27 +207,7 @@ def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> t
         `tuple[LowRankDelta, CompressionStats]`: Balanced factors `(U sqrt(S), sqrt(S) V^T)` of rank at least 1 (an
         all-zero delta gives rank-1 zero factors) and what was kept.
     """
-    if max_rank is not None and max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank}.")
-    out_features, in_features = B.shape[0], A.shape[1]
-    q_b, r_b = torch.linalg.qr(B)  # B = Q_b R_b
-    q_a, r_a = torch.linalg.qr(A.T)  # A = R_a^T Q_a^T
-    core = r_b @ r_a.T
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    # |B|_2 |A|_2 (= |R_b|_2 |R_a|_2) bounds the size of the rounding error of the factored product.
-    scale = float(torch.linalg.matrix_norm(r_b, ord=2) * torch.linalg.matrix_norm(r_a, ord=2)) if s.numel() else 0.0
-    numerical_rank = _numerical_rank(s, max(out_features, in_features, B.shape[1]), scale)
-    rank = numerical_rank if max_rank is None else min(numerical_rank, max_rank)
-    total_energy = float((s[:numerical_rank] ** 2).sum())
-    if rank == 0:
-        zero = LowRankDelta(B.new_zeros(out_features, 1), A.new_zeros(1, in_features))
-        return zero, CompressionStats(rank=1, numerical_rank=0, energy_kept=1.0)
-    root = s[:rank].sqrt()
-    new_b = (q_b @ u[:, :rank]) * root
-    new_a = root[:, None] * (vh[:rank] @ q_a.T)
-    kept = float((s[:rank] ** 2).sum())
-    energy = kept / total_energy if total_energy > 0 else 1.0
-    return LowRankDelta(new_b, new_a), CompressionStats(rank, numerical_rank, energy)
+    return FactoredSpan.from_deltas([LowRankDelta(B, A)]).combine([1.0], max_rank)
 
 
 def linear_combination(
@@ -142,9 +222,7 @@ def linear_combination(
     """
     if len(deltas) != len(coefficients):
         raise ValueError(f"Got {len(deltas)} deltas but {len(coefficients)} coefficients.")
-    stacked_b = torch.cat([delta.B * float(c) for delta, c in zip(deltas, coefficients, strict=False)], dim=1)
-    stacked_a = torch.cat([delta.A for delta in deltas], dim=0)
-    return compress(stacked_b, stacked_a, max_rank)
+    return FactoredSpan.from_deltas(deltas).combine(coefficients, max_rank)
 
 
 def slerp_coefficients(gram: torch.Tensor, t: float) -> tuple[tuple[float, float], float | None]:
@@ -174,8 +252,19 @@ def slerp_coefficients(gram: torch.Tensor, t: float) -> tuple[tuple[float, float
     return (math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta), theta
 
 
-def _norm(gram: torch.Tensor, coefficients: torch.Tensor) -> float:
-    return math.sqrt(max(float(coefficients @ gram @ coefficients), 0.0))
+# Below this sin(theta), an input is taken as equal or opposite to the current mean (see karcher_coefficients).
+_KARCHER_ANTIPODAL_SIN = 1e-12
+# Angles computed from a Gram matrix are resolved to about sqrt(eps) ~ 1e-8 rad only (acos near 1, quadratic forms of
+# nearly colinear deltas): a step below this that no longer shrinks is rounding noise, and the iteration has converged.
+_KARCHER_NOISE_STEP = 1e-6
+
+
+def _matvec(gram: list[list[float]], vector: list[float]) -> list[float]:
+    return [sum(g * v for g, v in zip(row, vector, strict=True)) for row in gram]
+
+
+def _length(gram: list[list[float]], vector: list[float]) -> float:
+    return math.sqrt(max(sum(v * gv for v, gv in zip(vector, _matvec(gram, vector), strict=True)), 0.0))
 
 
 def karcher_coefficients(
@@ -186,8 +275,12 @@ def karcher_coefficients(
 
     Every point and tangent vector is a coefficient vector `c` over the deltas, with inner product `c^T G c`. Each
     step maps the directions to the tangent space at the current mean (log map), averages them with the weights and
-    moves along the result (exp map), until the step is shorter than `tol` or `max_iter` steps were taken. Zero
-    deltas have no direction: they count in the mean norm only.
+    moves along the result (exp map), until the step is shorter than `tol` (or, below 1e-6 rad, stops shrinking: the
+    rounding floor of angles computed from a Gram matrix is about 1e-8 rad) or `max_iter` steps were taken. Zero
+    deltas have no direction: they count in the mean norm only; an input exactly opposite to the current mean has no
+    defined direction to pull along and is skipped in that step (a measure-zero case). The iteration runs on Python
+    floats: `k` is the number of adapters, so each step is a handful of `k x k` products, cheaper than launching
+    tensor operations.
 
     Args:
         gram (`torch.Tensor`): The `k x k` Gram matrix.
@@ -195,36 +288,47 @@ def karcher_coefficients(
         tol (`float`): Stop when the tangent step is shorter than this (radians).
         max_iter (`int`): Maximum number of steps.
     """
-    gram = gram.to(torch.float64)
-    k = gram.shape[0]
-    weights_t = torch.tensor([float(w) for w in weights], dtype=torch.float64, device=gram.device)
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    mean_norm = float((weights_t * norms).sum())
-    directional = (norms > 0) & (weights_t > 0)
-    if mean_norm == 0.0 or not bool(directional.any()):
+    g = gram.to(torch.float64).tolist()
+    k = len(g)
+    weights = [float(w) for w in weights]
+    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
+    mean_norm = sum(w * n for w, n in zip(weights, norms, strict=True))
+    index = [i for i in range(k) if norms[i] > 0 and weights[i] > 0]
+    if mean_norm == 0.0 or not index:
         return KarcherResult(torch.zeros(k, dtype=torch.float64, device=gram.device), 0, True)
-    # Unit directions as coefficient vectors: u_i = e_i / |D_i|.
-    units = torch.zeros(k, k, dtype=torch.float64, device=gram.device)
-    index = torch.nonzero(directional).flatten()
-    units[index, index] = 1.0 / norms[index]
-    dir_weights = torch.where(directional, weights_t, torch.zeros_like(weights_t))
-    dir_weights = dir_weights / dir_weights.sum()
-    mean = units.T @ dir_weights
-    mean_length = _norm(gram, mean)
-    mean = mean / mean_length if mean_length > 0 else units[int(index[0])]
-    iterations, converged = 0, False
+    total = sum(weights[i] for i in index)
+    dir_weights = {i: weights[i] / total for i in index}
+    # Unit directions as coefficient vectors: u_i = e_i / |D_i|; the first mean is their normalized weighted sum.
+    mean = [dir_weights[i] / norms[i] if i in dir_weights else 0.0 for i in range(k)]
+    mean_length = _length(g, mean)
+    if mean_length > 0:
+        mean = [m / mean_length for m in mean]
+    else:
+        mean = [1.0 / norms[index[0]] if j == index[0] else 0.0 for j in range(k)]
+    iterations, converged, previous_step = 0, False, math.inf
     for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        tangent = torch.zeros_like(mean)
-        for i in index.tolist():
-            cosine = min(max(float(units[i] @ gram @ mean), -1.0), 1.0)
+        g_mean = _matvec(g, mean)
+        tangent = [0.0] * k
+        for i in index:
+            cosine = min(max(g_mean[i] / norms[i], -1.0), 1.0)  # <u_i, mean>
             theta = math.acos(cosine)
-            direction = units[i] - cosine * mean
-            scale = theta / math.sin(theta) if theta > 1e-12 else 1.0
-            tangent = tangent + dir_weights[i] * scale * direction
-        step = _norm(gram, tangent)
-        if step < tol:
-            converged = True
+            sin_theta = math.sin(theta)
+            if sin_theta < _KARCHER_ANTIPODAL_SIN:
+                # Equal to the mean (no pull), or opposite to it: the log map has no defined direction, skip it.
+                continue
+            scale = dir_weights[i] * theta / sin_theta
+            for j in range(k):  # log map: scale * (u_i - cosine * mean)
+                tangent[j] -= scale * cosine * mean[j]
+            tangent[i] += scale / norms[i]
+        step = _length(g, tangent)
+        if step < tol or (step < _KARCHER_NOISE_STEP and step >= previous_step):
+            converged = True  # below tol, or at the rounding floor of Gram arithmetic (the step stopped shrinking)
             break
-        mean = math.cos(step) * mean + math.sin(step) * tangent / step
-        mean = mean / _norm(gram, mean)
-    return KarcherResult(mean * mean_norm, iterations, converged)
+        previous_step = step
+        moved = [math.cos(step) * m + math.sin(step) * v / step for m, v in zip(mean, tangent, strict=True)]
+        length = _length(g, moved)
+        if not length > 0:  # a degenerate step (rounding in a near-singular Gram matrix): keep the last mean
+            break
+        mean = [m / length for m in moved]
+    coefficients = torch.tensor([m * mean_norm for m in mean], dtype=torch.float64, device=gram.device)
+    return KarcherResult(coefficients, iterations, converged)
