@@ -109,6 +109,26 @@ def test_plugin_hook_extends_card():
     assert "seen by a plugin" not in build_model_card(_info()).text
 
 
+def test_raising_card_hook_warns_and_the_card_is_still_built():
+    from peft_merge_ext import hookimpl
+    from peft_merge_ext.plugins import get_plugin_manager
+
+    class Broken:
+        @hookimpl
+        def extend_model_card(self, card, merge_info):
+            raise RuntimeError("plugin bug")
+
+    manager = get_plugin_manager()
+    plugin = Broken()
+    manager.register(plugin, name="test-card-broken")
+    try:
+        with pytest.warns(RuntimeWarning, match="test-card-broken.*plugin bug"):
+            card = build_model_card(_info())
+    finally:
+        manager.unregister(plugin)
+    assert "## Merged adapters" in card.text
+
+
 def test_template_is_package_data():
     assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.name == "templates"
     assert TEMPLATE_PATH.is_relative_to(__import__("peft_merge_ext").__path__[0])
