@@ -17,7 +17,8 @@ each in its own subprocess, so peak memory is that process' own (`os.wait4` rusa
 Both merges compute W + 1.0 * B1 A1 + 1.0 * B2 A2 in bf16 output, so the table also gives the largest absolute
 difference between their outputs (bf16 rounding: PEFT rounds the delta to bf16 before adding it, peft-merge-ext adds
 in float32 and rounds once). Targets: work memory of merge_checkpoint at most 1/10 of the usual path, wall time at
-most 1/3. The input files are read once before the timed runs so every run starts with the same warm page cache.
+most 1/3. The input files are read once before the timed runs, and dirty pages are flushed before each run, so every
+run starts with the same warm page cache.
 """
 
 from __future__ import annotations
@@ -143,8 +144,11 @@ def measure(command: list[str], log: Path, env: dict[str, str] | None = None) ->
     """Run `command` and return its wall time and peak RSS (MB), from its own rusage.
 
     A small launcher process starts it: a child forked straight from this process (which holds torch) would count
-    this process' memory in its peak RSS before `exec`.
+    this process' memory in its peak RSS before `exec`. Dirty pages left by the previous run are flushed first
+    (`os.sync`), so no run pays for writing back another run's output.
     """
+    if hasattr(os, "sync"):
+        os.sync()
     completed = subprocess.run(
         [sys.executable, "-c", LAUNCHER, json.dumps(command), str(log)],
         capture_output=True,

@@ -6,6 +6,9 @@ A saved adapter is a folder with `adapter_config.json` and `adapter_model.safete
 (`out x in`, conv kernels flattened) with the LoRA scaling folded into `B`, resolved per module from `r`,
 `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` exactly as PEFT resolves them when it loads the
 adapter. The arithmetic is the same as `lora_layers.read_factors` on a loaded model, so both give identical factors.
+
+PEFT is not imported (with it come transformers and bitsandbytes: seconds of start-up and over 100 MB): the config is
+parsed into a `LoraAdapterConfig` and pattern keys are resolved by `pattern_value`, with PEFT's documented rules.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "AdapterFiles",
     "AdapterModule",
+    "LoraAdapterConfig",
+    "pattern_value",
     "read_adapter",
     "resolve_folder",
     "sha256_of_file",
@@ -114,7 +119,7 @@ class AdapterFiles:
         name (`str`): A short name (the folder name unless given).
         folder (`Path`): The resolved local folder.
         source (`str`): What the user passed (a local path or a Hub id).
-        config (`peft.LoraConfig`): The parsed configuration.
+        config (`LoraAdapterConfig`): The parsed configuration.
         modules (`dict[str, AdapterModule]`): Module name -> canonical factors, in file order.
         weights_file (`Path`): The weights file that was read.
         sha256 (`str`): SHA-256 of that file.
@@ -125,7 +130,7 @@ class AdapterFiles:
     name: str
     folder: Path
     source: str
-    config: Any
+    config: LoraAdapterConfig
     modules: dict[str, AdapterModule]
     weights_file: Path
     sha256: str
@@ -187,7 +192,122 @@ def resolve_folder(path_or_id: str | Path, what: str = "folder", required_file: 
     raise MergeInputError(f"The {what} {text!r} is not an existing folder.")
 
 
-def _load_config(folder: Path, source: str) -> Any:
+# PEFT's LoRA variants whose update is not `B @ A` (the `LoraConfig` fields with `is_lora_variant` metadata, and the
+# `init_lora_weights` values or prefixes listed in that field's `lora_variants` metadata); a test checks these against
+# the installed PEFT.
+LORA_VARIANT_FIELDS = (
+    "use_dora",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
+INIT_LORA_VARIANTS = ("mica",)
+
+
+@dataclass
+class LoraAdapterConfig:
+    """The fields of a saved `adapter_config.json` a merge needs, parsed without importing PEFT (importing it also
+    imports transformers and bitsandbytes: seconds of start-up and over 100 MB of memory).
+
+    Defaults are `peft.LoraConfig`'s. `peft_type` is `"LORA"`, so `combine.check_adapter_configs` treats it like a
+    loaded `LoraConfig`; the other fields it checks are read with `getattr` from `raw`.
+
+    Args:
+        peft_type (`str`): `"LORA"` (other types are refused while parsing).
+        r (`int`): The default rank.
+        lora_alpha (`float`): The default alpha.
+        use_rslora (`bool`): Scaling `alpha / sqrt(r)` instead of `alpha / r`.
+        fan_in_fan_out (`bool`): Whether the targeted weights are stored `in x out` (GPT-2 `Conv1D`).
+        rank_pattern (`dict[str, int]`): Per-module ranks, keys matched as by `pattern_value`.
+        alpha_pattern (`dict[str, float]`): Per-module alphas.
+        target_modules (`list[str]` or `str`, *optional*): As saved.
+        base_model_name_or_path (`str`, *optional*): The base model the adapter was trained on.
+        auto_mapping (`dict`, *optional*): PEFT's record of the model class.
+        init_lora_weights (`bool` or `str`): As saved.
+        raw (`dict[str, Any]`): The whole parsed JSON.
+    """
+
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, Any] = field(default_factory=dict)
+    alpha_pattern: dict[str, Any] = field(default_factory=dict)
+    target_modules: Any = None
+    base_model_name_or_path: str | None = None
+    auto_mapping: dict[str, Any] | None = None
+    init_lora_weights: Any = True
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the other saved settings (use_dora, lora_bias,
+        # modules_to_save, ...), `None` when absent.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.__dict__.get("raw", {}).get(name)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str) -> LoraAdapterConfig:
+        """Parse and type-check the saved configuration.
+
+        Raises:
+            `MergeInputError`: When a field has the wrong type.
+        """
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name in (
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "fan_in_fan_out",
+            "rank_pattern",
+            "alpha_pattern",
+            "target_modules",
+            "base_model_name_or_path",
+            "auto_mapping",
+            "init_lora_weights",
+        ):
+            value = raw.get(name)
+            values[name] = getattr(defaults, name) if value is None else value
+        number = (int, float)
+        checks = {
+            "r": isinstance(values["r"], int) and not isinstance(values["r"], bool) and values["r"] > 0,
+            "lora_alpha": isinstance(values["lora_alpha"], number) and not isinstance(values["lora_alpha"], bool),
+            "use_rslora": isinstance(values["use_rslora"], bool),
+            "fan_in_fan_out": isinstance(values["fan_in_fan_out"], bool),
+            "rank_pattern": isinstance(values["rank_pattern"], dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values["rank_pattern"].values()),
+            "alpha_pattern": isinstance(values["alpha_pattern"], dict)
+            and all(isinstance(v, number) and not isinstance(v, bool) for v in values["alpha_pattern"].values()),
+        }
+        wrong = [name for name, ok in checks.items() if not ok]
+        if wrong:
+            raise MergeInputError(
+                f"Could not parse the {ADAPTER_CONFIG_NAME} of {source!r}: {wrong[0]}={values[wrong[0]]!r} is not "
+                "valid (r and rank_pattern values: positive integers; lora_alpha and alpha_pattern values: numbers; "
+                "use_rslora and fan_in_fan_out: booleans)."
+            )
+        return cls(peft_type="LORA", raw=dict(raw), **values)
+
+
+def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """The value of the first key of `pattern` (in its order) that matches `module`, else `default`.
+
+    A key is a regular expression that matches when it matches the whole module name or its end after a dot (`"q_proj"`
+    matches `"model.layers.0.self_attn.q_proj"`, `"layers.0.self_attn.q_proj"` only layer 0's): PEFT's documented rule
+    for `rank_pattern` / `alpha_pattern`.
+    """
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return pattern[key]
+    return default
+
+
+def _load_config(folder: Path, source: str) -> LoraAdapterConfig:
     config_path = folder / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
         raise MergeInputError(
@@ -198,39 +318,32 @@ def _load_config(folder: Path, source: str) -> Any:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise MergeInputError(f"{config_path} is not valid JSON: {error}.") from None
+    if not isinstance(raw, dict):
+        raise MergeInputError(f"{config_path} is not a JSON object.")
     peft_type = str(raw.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterCompatibilityError(
             f"Adapter {source!r} is a {raw.get('peft_type')!r} adapter; only LoRA adapters (peft_type 'LORA') can be "
             "merged."
         )
-    from peft import LoraConfig
-
-    try:
-        config = LoraConfig.from_pretrained(str(folder))
-    except Exception as error:
-        raise MergeInputError(f"Could not parse {config_path}: {type(error).__name__}: {error}") from None
-    return config
+    return LoraAdapterConfig.from_dict(raw, source)
 
 
-def _check_config(config: Any, name: str) -> None:
-    import dataclasses
-
+def _check_config(config: LoraAdapterConfig, name: str) -> None:
     from .combine import check_adapter_configs
 
     check_adapter_configs({name: config}, [name])
-    for config_field in dataclasses.fields(config):
-        if config_field.metadata.get("is_lora_variant") and getattr(config, config_field.name, None):
+    for variant in LORA_VARIANT_FIELDS:
+        if getattr(config, variant, None):
             raise AdapterCompatibilityError(
-                f"Adapter {name!r} uses the LoRA variant {config_field.name}={getattr(config, config_field.name)!r}: "
-                "its update is not B @ A and cannot be merged exactly from its factors."
+                f"Adapter {name!r} uses the LoRA variant {variant}={getattr(config, variant)!r}: its update is not "
+                "B @ A and cannot be merged exactly from its factors."
             )
-    variants = dataclasses.fields(config)
-    init_variants = next((f.metadata.get("lora_variants", ()) for f in variants if f.name == "init_lora_weights"), ())
-    if isinstance(config.init_lora_weights, str) and config.init_lora_weights in init_variants:
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith(INIT_LORA_VARIANTS):
         raise AdapterCompatibilityError(
-            f"Adapter {name!r} uses the LoRA variant init_lora_weights={config.init_lora_weights!r}, whose update is "
-            "not B @ A; it cannot be merged exactly from its factors."
+            f"Adapter {name!r} uses the LoRA variant init_lora_weights={init!r}, whose update is not B @ A; it cannot "
+            "be merged exactly from its factors."
         )
 
 
@@ -262,18 +375,9 @@ def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.d
     return specs, lambda key: read_tensor(path, key)
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    if not pattern:
-        return default
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(pattern), module)
-    return pattern.get(key, default)
-
-
 def _scaling(config: Any, module: str) -> tuple[int, float, float]:
-    rank = int(_pattern_value(config.rank_pattern or {}, module, config.r))
-    alpha = _pattern_value(config.alpha_pattern or {}, module, config.lora_alpha)
+    rank = int(pattern_value(config.rank_pattern or {}, module, config.r))
+    alpha = pattern_value(config.alpha_pattern or {}, module, config.lora_alpha)
     scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
     return rank, alpha, scaling
 

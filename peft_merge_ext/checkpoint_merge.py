@@ -3,9 +3,16 @@
 The base model is never loaded: its safetensors files are read one tensor at a time (`checkpoint_reader`), in the
 order their bytes are stored, so the base is read front to back. Each targeted weight gets the combined delta added
 (`weight_merge.merge_delta_into_weight`, the same function the in-memory `save_merged` uses, so both give
-bit-identical tensors), and the result is written straight to its place in the output shards
-(`checkpoint_writer.ShardedSafetensorsWriter`, planned up front, each byte written once). Peak memory is about the
-largest tensor plus the adapters' factors plus a constant, whatever the model size.
+bit-identical tensors), and the result is handed to a background thread that writes it straight to its place in the
+output shards (`checkpoint_writer.BackgroundWriter` + `ShardedSafetensorsWriter`, planned up front, each byte written
+once) while the next weight is computed. Tensors the merge leaves as they are (untouched, same dtype) are copied file
+to file by the kernel (`os.copy_file_range`), never through this process' memory. Peak memory is about the largest
+merged tensor twice (its memory-mapped input and its output) plus what the writer thread may hold (at most
+max(64 MB, one output tensor)) plus the adapters' factors for one module, whatever the model size.
+
+Reading adapters needs neither PEFT nor transformers (`adapter_files` parses `adapter_config.json` itself); only
+adapters whose weight layout or tied weights depend on the architecture (GPT-2 `Conv1D` with `fan_in_fan_out`,
+embeddings, targets missing from the checkpoint) build it with transformers, on the meta device.
 
 Everything is validated (`plan_checkpoint_merge`: files, configs, targets, shapes, architecture, method and options)
 before the output folder is created. The combined factors of a module are computed just before its weight is written
@@ -19,6 +26,7 @@ import contextlib
 import json
 import re
 import shutil
+import struct
 import time
 import warnings
 from collections.abc import Sequence
@@ -57,7 +65,6 @@ _DTYPE_ALIASES = {
     "fp64": "float64",
     "float64": "float64",
 }
-_BYTES_PER_ELEMENT_OF_MERGE = 12  # float32 weight copy + float32 dense delta + float32 sum
 
 
 def parse_dtype(dtype: Any) -> Any:
@@ -87,6 +94,7 @@ class _BaseTensor:
     shape: tuple[int, ...]
     dtype: Any
     source: str | None = None  # the stored tensor to read, for a tied weight written on its own
+    data_offset: int | None = None  # where its bytes start in a safetensors `file`
 
     @property
     def stored_name(self) -> str:
@@ -157,7 +165,7 @@ class MergePlan:
         lines.append(f"Output: {_human(self.output_bytes)} of weights, dtype {dtype}")
         lines.append(
             f"Estimated peak memory for the work: {_human(self.estimated_peak_bytes)} "
-            "(plus the Python, torch and PEFT baseline)"
+            "(plus the Python and torch baseline)"
         )
         lines.extend(f"Warning: {text}" for text in self.warnings)
         lines.extend(f"Problem: {text}" for text in self.problems)
@@ -236,8 +244,25 @@ def _base_tensors(folder: Path, allow_pickle: bool) -> list[_BaseTensor]:
         path = folder / name
         if not path.is_file():
             raise MergeInputError(f"The base checkpoint's index names {name}, which is missing from {folder}.")
-        tensors.extend(_BaseTensor(spec.name, path, spec.shape, spec.dtype) for spec in read_tensor_specs(path))
+        offsets = _data_offsets(path)
+        tensors.extend(
+            _BaseTensor(spec.name, path, spec.shape, spec.dtype, data_offset=offsets.get(spec.name))
+            for spec in read_tensor_specs(path)
+        )
     return tensors
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Name -> absolute offset of the tensor's bytes in a safetensors file, from its header (an 8-byte little-endian
+    length, then that many bytes of JSON whose `data_offsets` count from the header's end)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {
+        name: 8 + length + entry["data_offsets"][0]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    }
 
 
 def _pickle_tensors(paths: list[Path]) -> list[_BaseTensor]:
@@ -412,11 +437,18 @@ def plan_checkpoint_merge(
     )
     _validate_targets(plan)
     plan.output_bytes = sum(_nbytes(t.shape, plan.output_dtype_of(t)) for t in tensors)
-    largest_touched = max((_nbytes(t.shape, torch.float32) for t in tensors if t.name in plan.targets), default=0)
-    largest = max((_nbytes(t.shape, t.dtype) + _nbytes(t.shape, plan.output_dtype_of(t)) for t in tensors), default=0)
+    from .checkpoint_writer import DEFAULT_MAX_PENDING_BYTES
+    from .weight_merge import DEFAULT_BLOCK_ELEMENTS
+
+    # Tensors that go through memory: the targets and those changing dtype (the others are copied file to file). Each
+    # is its input (memory-mapped) plus its output; the writer thread holds at most max(64 MB, one output) more.
+    read = [t for t in plan.tensors if not _copied_as_is(plan, t)]
+    largest = max((_nbytes(t.shape, t.dtype) + _nbytes(t.shape, plan.output_dtype_of(t)) for t in read), default=0)
+    largest_output = max((_nbytes(t.shape, plan.output_dtype_of(t)) for t in read), default=0)
+    block = DEFAULT_BLOCK_ELEMENTS * 8 if plan.targets else 0  # float32 (float64 for a float64 weight) block
     # One module's factors per adapter at a time, plus the combined factors (at most their concatenation).
     factor_bytes = sum(max((m.nbytes for m in adapter.modules.values()), default=0) for adapter in loaded)
-    plan.estimated_peak_bytes = largest + largest_touched * _BYTES_PER_ELEMENT_OF_MERGE // 4 + 2 * factor_bytes
+    plan.estimated_peak_bytes = largest + max(DEFAULT_MAX_PENDING_BYTES, largest_output) + block + 2 * factor_bytes
     if strict and plan.problems:
         raise MergeInputError(
             plan.problems[0] + (f" ({len(plan.problems) - 1} more problem(s))" if len(plan.problems) > 1 else "")
@@ -424,6 +456,15 @@ def plan_checkpoint_merge(
     for text in plan.warnings:
         warnings.warn(text, UserWarning, stacklevel=3)
     return plan
+
+
+def _copied_as_is(plan: MergePlan, tensor: _BaseTensor) -> bool:
+    """Whether `tensor` is written as its stored bytes, copied file to file (untouched, same dtype, safetensors)."""
+    return (
+        tensor.name not in plan.targets
+        and tensor.data_offset is not None
+        and plan.output_dtype_of(tensor) == tensor.dtype
+    )
 
 
 def _resolve_device(device: Any) -> Any:
@@ -464,7 +505,9 @@ def _validate_targets(plan: MergePlan) -> None:
     for target, source in stored_tied.items():
         if target in touched or source in touched:
             original = by_name[source]
-            alias = _BaseTensor(target, original.file, original.shape, original.dtype, source=source)
+            alias = _BaseTensor(
+                target, original.file, original.shape, original.dtype, source=source, data_offset=original.data_offset
+            )
             plan.tensors.insert(plan.tensors.index(original) + 1, alias)
             by_name[target] = alias
             plan.untied.append(target)
@@ -757,7 +800,7 @@ def merge_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
+    from .checkpoint_writer import BackgroundWriter, ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
     from .weight_merge import merge_delta_into_weight
 
     started = time.perf_counter()
@@ -789,16 +832,29 @@ def merge_checkpoint(
     # output shards are grouped in that same order, so the writes move forward through the output files as well.
     specs = [TensorSpec(t.name, t.shape, plan.output_dtype_of(t)) for t in plan.tensors]
     with atomic_directory(destination, overwrite=overwrite) as temporary:
-        writer = ShardedSafetensorsWriter(temporary, specs, max_shard_size)
+        writer = BackgroundWriter(ShardedSafetensorsWriter(temporary, specs, max_shard_size))
         progress = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="Merging", disable=quiet, leave=False)
         try:
             for base_tensor, spec in zip(plan.tensors, specs, strict=True):
+                if _copied_as_is(plan, base_tensor):
+                    # Unchanged bytes: copied file to file by the kernel, never through this process' memory.
+                    writer.copy_from_file(spec.name, base_tensor.file, base_tensor.data_offset)
+                    progress.update(spec.nbytes)
+                    continue
                 tensor = _read_base_tensor(base_tensor)
                 if spec.name in plan.targets:
                     delta = deltas.delta(spec.name)
+                    on_device = tensor.to(target_device)
+                    # In place only into a copy: writing into the read tensor itself (a private memory map of the
+                    # file) costs a copy-on-write page fault per page, several times slower than fresh memory.
                     merged = merge_delta_into_weight(
-                        tensor.to(target_device), delta, plan.transpose[spec.name], spec.dtype, inplace=True
+                        on_device,
+                        delta,
+                        plan.transpose[spec.name],
+                        spec.dtype,
+                        inplace=on_device.data_ptr() != tensor.data_ptr(),
                     )
+                    del on_device
                     del delta
                 else:
                     merged = tensor.to(spec.dtype)

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ShardedSafetensorsWriter", "TensorSpec", "atomic_directory", "parse_size", "plan_shards"]
+__all__ = [
+    "BackgroundWriter",
+    "ShardedSafetensorsWriter",
+    "TensorSpec",
+    "atomic_directory",
+    "parse_size",
+    "plan_shards",
+]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -52,6 +59,7 @@ DTYPE_CODES = {
     "bool": "BOOL",
 }
 _MAX_WRITE = 1 << 30  # bytes per system call (Linux writes at most about 2 GiB at once)
+DEFAULT_MAX_PENDING_BYTES = 64 * 10**6  # tensors a `BackgroundWriter` holds, not yet written
 
 
 def parse_size(size: int | str) -> int:
@@ -232,14 +240,24 @@ class ShardedSafetensorsWriter:
             `ValueError`: When `name` is not planned or already written, the shape or dtype differ from the plan, or
                 the tensor has no data (meta device).
         """
-        if self._finished:
-            raise ValueError(f"This writer is finished; cannot write {name!r}.")
-        slot = self._slots.get(name)
-        if slot is None:
-            raise ValueError(f"Tensor {name!r} is not in the writer's plan; plan every tensor up front.")
-        if name in self._written:
-            raise ValueError(f"Tensor {name!r} was already written.")
-        spec = slot.spec
+        self.check(name, tensor)
+        slot = self._slots[name]
+        fd = self._shard_fd(slot.shard)
+        if slot.spec.nbytes:
+            import torch
+
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            _write_at(fd, memoryview(data), slot.offset)
+            del data
+        self._written.add(name)
+
+    def check(self, name: str, tensor: torch.Tensor) -> TensorSpec:
+        """Raise the `ValueError` that `write(name, tensor)` would raise for a bad call; write nothing.
+
+        Returns:
+            `TensorSpec`: The planned spec of `name`.
+        """
+        spec = self.check_name(name)
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(
                 f"Tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, but the plan says {spec.shape} "
@@ -247,13 +265,43 @@ class ShardedSafetensorsWriter:
             )
         if tensor.is_sparse or tensor.device.type == "meta":
             raise ValueError(f"Tensor {name!r} ({tensor.layout} on {tensor.device}) has no data to write.")
+        return spec
+
+    def check_name(self, name: str) -> TensorSpec:
+        """The planned spec of `name`; `ValueError` when the writer is finished, `name` is not planned or is already
+        written."""
+        if self._finished:
+            raise ValueError(f"This writer is finished; cannot write {name!r}.")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"Tensor {name!r} is not in the writer's plan; plan every tensor up front.")
+        if name in self._written:
+            raise ValueError(f"Tensor {name!r} was already written.")
+        return slot.spec
+
+    def copy_from_file(self, name: str, source: str | os.PathLike, offset: int) -> None:
+        """Write a planned tensor by copying its bytes from another file, e.g. the unchanged tensor of a base
+        safetensors file (same dtype: safetensors stores every tensor as its contiguous little-endian bytes).
+
+        The copy happens inside the kernel (`os.copy_file_range`) where the system allows it, so the bytes never enter
+        the process' memory; otherwise it goes through one buffer of at most 16 MB.
+
+        Args:
+            name (`str`): A planned tensor name not written yet.
+            source (`str` or `os.PathLike`): The file that holds its bytes.
+            offset (`int`): Where its `spec.nbytes` bytes start in `source`.
+
+        Raises:
+            `ValueError`: When `name` is not planned or already written, or `source` is too short.
+        """
+        spec = self.check_name(name)
+        slot = self._slots[name]
         fd = self._shard_fd(slot.shard)
         if spec.nbytes:
-            import torch
-
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            _write_at(fd, memoryview(data), slot.offset)
-            del data
+            with open(source, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size < offset + spec.nbytes:
+                    raise ValueError(f"{source} is too short to hold the {spec.nbytes} bytes of {name!r} at {offset}.")
+                _copy_range(handle.fileno(), offset, fd, slot.offset, spec.nbytes)
         self._written.add(name)
 
     def _shard_fd(self, shard: int) -> int:
@@ -327,6 +375,170 @@ class ShardedSafetensorsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class BackgroundWriter:
+    """Hand tensors (or byte copies from other files) to a `ShardedSafetensorsWriter` running in one background
+    thread, so writing (`os.pwrite` and `os.copy_file_range` release the GIL) overlaps with computing the next
+    tensors. Everything is written in the order it was handed over.
+
+    Memory bound: the tensors handed over and not yet written total at most `max(max_pending_bytes, the largest
+    single tensor)`; `write` waits while adding a tensor would go over `max_pending_bytes` (a larger tensor waits
+    until nothing is pending, then goes alone). The thread drops each tensor once its bytes are written. Pending
+    `copy_from_file` requests hold no tensor and do not count.
+
+    `write` checks the name, shape and dtype at once (`ShardedSafetensorsWriter.check`). An error in the thread is
+    raised again by the next `write` or by `finish`; `close` (always call it, e.g. in a `finally`) stops the thread,
+    drops what is still pending and, before a successful `finish`, removes the incomplete shard files.
+
+    Args:
+        writer (`ShardedSafetensorsWriter`): The planned writer; only the thread uses it until `finish`.
+        max_pending_bytes (`int`, *optional*, defaults to 64 MB): The bound on pending bytes described above.
+    """
+
+    def __init__(self, writer: ShardedSafetensorsWriter, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES) -> None:
+        import collections
+        import threading
+
+        self.writer = writer
+        self.max_pending_bytes = max_pending_bytes
+        self._queue: collections.deque[tuple[str, Any, int]] = collections.deque()
+        self._pending_bytes = 0
+        self._submitted: set[str] = set()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="peft-merge-ext-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of all planned tensors."""
+        return self.writer.total_size
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one planned tensor for writing; the caller must not modify it afterwards.
+
+        Raises:
+            `ValueError`: As `ShardedSafetensorsWriter.write`, for this call.
+            `BaseException`: The error that stopped the background thread, if any.
+        """
+        if name in self._submitted:
+            raise ValueError(f"Tensor {name!r} was already written.")
+        self._enqueue(name, tensor, self.writer.check(name, tensor).nbytes)
+
+    def copy_from_file(self, name: str, source: str | os.PathLike, offset: int) -> None:
+        """Queue `ShardedSafetensorsWriter.copy_from_file(name, source, offset)` (holds no memory while pending).
+
+        Raises:
+            `ValueError`: When `name` is not planned or already written.
+            `BaseException`: The error that stopped the background thread, if any.
+        """
+        if name in self._submitted:
+            raise ValueError(f"Tensor {name!r} was already written.")
+        self.writer.check_name(name)
+        self._enqueue(name, (source, offset), 0)
+
+    def _enqueue(self, name: str, item: Any, nbytes: int) -> None:
+        with self._condition:
+            while (
+                self._error is None and self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes
+            ):
+                self._condition.wait()
+            self._raise_error()
+            if self._stopping:
+                raise ValueError(f"This writer is closed; cannot write {name!r}.")
+            self._queue.append((name, item, nbytes))
+            self._pending_bytes += nbytes
+            self._submitted.add(name)
+            self._condition.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if not self._queue:
+                    return
+                name, item, nbytes = self._queue[0]
+            try:
+                if isinstance(item, tuple):
+                    self.writer.copy_from_file(name, *item)
+                else:
+                    self.writer.write(name, item)
+            except BaseException as error:  # handed to the caller's thread
+                with self._condition:
+                    self._error = error
+                    self._queue.clear()
+                    self._pending_bytes = 0
+                    self._condition.notify_all()
+                return
+            del item
+            with self._condition:
+                self._queue.popleft()
+                self._pending_bytes -= nbytes
+                self._condition.notify_all()
+
+    def _stop(self, drop_pending: bool) -> None:
+        with self._condition:
+            if drop_pending:
+                self._queue.clear()
+                self._pending_bytes = 0
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def finish(self) -> list[str]:
+        """Wait until every queued tensor is written, then `ShardedSafetensorsWriter.finish`.
+
+        Returns:
+            `list[str]`: The file names written.
+
+        Raises:
+            `BaseException`: The error that stopped the background thread, or `finish`'s own `ValueError`.
+        """
+        self._stop(drop_pending=False)
+        self._raise_error()
+        return self.writer.finish()
+
+    def close(self) -> None:
+        """Stop the thread (dropping pending tensors) and close the writer. Safe to call more than once."""
+        self._stop(drop_pending=True)
+        self.writer.close()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _copy_range(source_fd: int, source_offset: int, fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes from `source_fd` at `source_offset` to `fd` at `offset`: in the kernel with
+    `os.copy_file_range` when available, else (or when the system refuses it) through a buffer of at most 16 MB."""
+    done = 0
+    copy_file_range = getattr(os, "copy_file_range", None)
+    if copy_file_range is not None:
+        try:
+            while done < count:
+                step = copy_file_range(
+                    source_fd, fd, min(count - done, _MAX_WRITE), source_offset + done, offset + done
+                )
+                if step <= 0:
+                    break
+                done += step
+        except OSError:  # e.g. EXDEV, EINVAL or ENOSYS on some file systems: copy through memory instead
+            pass
+    while done < count:
+        chunk = os.pread(source_fd, min(count - done, 1 << 24), source_offset + done)
+        if not chunk:
+            raise OSError(f"Unexpected end of file while copying {count} bytes from offset {source_offset}.")
+        _write_at(fd, memoryview(chunk), offset + done)
+        done += len(chunk)
 
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:

@@ -69,18 +69,16 @@ class MergedModule:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _lora_config_class() -> type:
-    from peft import LoraConfig
-
-    return LoraConfig
-
-
 def check_adapter_configs(peft_config: Mapping[str, Any], adapters: Sequence[str]) -> None:
-    """Refuse adapters whose config has features the combination contract cannot represent."""
-    lora_config = _lora_config_class()
+    """Refuse adapters whose config has features the combination contract cannot represent.
+
+    A LoRA config is recognised by `peft_type == "LORA"` (PEFT's `PeftType` is a `str` enum), which holds for
+    `peft.LoraConfig` and for the configs `adapter_files` parses without importing PEFT, and not for AdaLoRA and the
+    other PEFT types (including `LoraConfig` subclasses such as `AdaLoraConfig`).
+    """
     for adapter in adapters:
         config = peft_config[adapter]
-        if type(config) is not lora_config:
+        if getattr(config, "peft_type", None) != "LORA":
             raise AdapterCompatibilityError(
                 f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only "
                 "LoRA adapters can be combined."

@@ -14,7 +14,13 @@ from conftest import add_lora, tiny_gpt2, tiny_llama
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_merge_ext.adapter_files import read_adapter
+from peft_merge_ext.adapter_files import (
+    INIT_LORA_VARIANTS,
+    LORA_VARIANT_FIELDS,
+    LoraAdapterConfig,
+    pattern_value,
+    read_adapter,
+)
 from peft_merge_ext.checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
 from peft_merge_ext.errors import AdapterCompatibilityError, MergeInputError, UnknownCombinationTypeError
 
@@ -406,3 +412,104 @@ def test_tied_embeddings_are_untied_like_save_merged(tmp_path, target):
     assert all(torch.equal(got[key], expected[key]) for key in expected)
     assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     assert json.loads((streamed.path / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_pattern_keys_resolve_like_peft():
+    from peft.utils.other import get_pattern_key
+
+    pattern = {
+        r"model\.layers\.1\.self_attn\.q_proj": 1,
+        "q_proj": 2,
+        "proj": 3,  # only a whole dotted component or the whole name: never matches "q_proj"
+        r"layers\.0\.mlp\..*": 4,
+        "down_proj": 5,  # after the regex above: layer 0's down_proj takes 4
+        "layers.1.mlp.up_proj": 6,  # "." is a regex wildcard, as in PEFT
+        "lm_head": 7,
+    }
+    modules = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.self_attn.k_proj",
+        "proj",
+        "lm_head",
+        "model.lm_head_extra",
+    ]
+    expected = [2, 1, 4, 5, 6, 4, "default", 3, 7, "default"]
+    for module, value in zip(modules, expected, strict=True):
+        assert pattern_value(pattern, module, "default") == value, module
+        assert pattern.get(get_pattern_key(list(pattern), module), "default") == value, module
+
+
+def test_light_config_knows_peft_lora_variants_and_defaults():
+    import dataclasses
+
+    fields = {field.name: field for field in dataclasses.fields(LoraConfig)}
+    assert set(LORA_VARIANT_FIELDS) == {name for name, f in fields.items() if f.metadata.get("is_lora_variant")}
+    assert set(INIT_LORA_VARIANTS) == set(fields["init_lora_weights"].metadata.get("lora_variants", ()))
+    peft_defaults, light = LoraConfig(), LoraAdapterConfig()
+    for name in (
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "init_lora_weights",
+    ):
+        assert getattr(light, name) == getattr(peft_defaults, name), name
+    assert light.peft_type == peft_defaults.peft_type == "LORA"
+
+
+def test_check_adapter_configs_tests_the_peft_type():
+    from peft import AdaLoraConfig
+
+    from peft_merge_ext.combine import check_adapter_configs
+
+    configs = {
+        "peft": LoraConfig(r=2, target_modules=["q_proj"]),
+        "light": LoraAdapterConfig.from_dict({"peft_type": "LORA", "r": 2}, "light"),
+        "adalora": AdaLoraConfig(total_step=10, target_modules=["q_proj"]),
+        "ia3": IA3Config(target_modules=["q_proj"], feedforward_modules=[]),
+        "light-dora": LoraAdapterConfig.from_dict({"peft_type": "LORA", "use_dora": True}, "light-dora"),
+    }
+    check_adapter_configs(configs, ["peft", "light"])
+    for name, match in (("adalora", "AdaLoraConfig, not a plain"), ("ia3", "IA3Config"), ("light-dora", "DoRA")):
+        with pytest.raises(AdapterCompatibilityError, match=match):
+            check_adapter_configs(configs, [name])
+
+
+def test_lora_variants_and_bad_config_values_are_refused(llama_files, tmp_path):
+    base, folders, _ = llama_files
+    for name, changes, error, match in (
+        ("velora", {"velora_config": {"a": 1}}, AdapterCompatibilityError, "velora_config"),
+        ("mica", {"init_lora_weights": "mica"}, AdapterCompatibilityError, "init_lora_weights='mica'"),
+        ("bad-r", {"r": "six"}, MergeInputError, "r='six'"),
+        ("bad-alpha", {"alpha_pattern": {"q_proj": "x"}}, MergeInputError, "alpha_pattern"),
+    ):
+        folder = _rewrite_adapter(folders["b"], tmp_path / name, changes)
+        with pytest.raises(error, match=match):
+            merge_checkpoint(base, [folder], out=tmp_path / "merged", quiet=True)
+    _assert_nothing_written(tmp_path)
+
+
+def test_plain_merge_imports_neither_peft_nor_transformers(llama_files, tmp_path):
+    import subprocess
+    import sys
+
+    base, folders, _ = llama_files
+    code = (
+        "import sys\n"
+        "from peft_merge_ext.checkpoint_merge import merge_checkpoint\n"
+        "merge_checkpoint(sys.argv[1], sys.argv[2:-1], out=sys.argv[-1], combination_type='weighted', quiet=True)\n"
+        "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    plain = [str(folders["b"]), str(folders["c"])]  # Linear targets only: no architecture needed
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(base), *plain, str(tmp_path / "plain")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -18,7 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peft_merge_ext.checkpoint_reader import read_tensor, read_tensor_specs
-from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, plan_shards
+from peft_merge_ext.checkpoint_writer import (
+    BackgroundWriter,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    atomic_directory,
+    plan_shards,
+)
 
 
 def _specs(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
@@ -244,6 +250,63 @@ def test_close_after_an_error_removes_partial_shards(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _data_offsets(path: Path) -> dict[str, int]:
+    length, header = _header(path)
+    return {k: 8 + length + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_background_writer_gives_the_same_bytes_as_the_direct_writer(
+    tmp_path, mixed_tensors, monkeypatch, kernel_copy
+):
+    if not kernel_copy:  # the fallback through a buffer, for systems without os.copy_file_range
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    direct = _write_shuffled(tmp_path / "direct", mixed_tensors, "2KB")
+    save_file(mixed_tensors, str(tmp_path / "source.safetensors"))
+    offsets = _data_offsets(tmp_path / "source.safetensors")
+    (tmp_path / "background").mkdir()
+    names = list(mixed_tensors)
+    random.Random(0).shuffle(names)
+    limit = 200
+    with BackgroundWriter(ShardedSafetensorsWriter(tmp_path / "background", _specs(mixed_tensors), "2KB"), limit) as w:
+        for index, name in enumerate(names):
+            if index % 2:  # half the tensors copied byte for byte out of another safetensors file
+                w.copy_from_file(name, tmp_path / "source.safetensors", offsets[name])
+            else:
+                w.write(name, mixed_tensors[name].clone())
+            assert w._pending_bytes <= max(limit, mixed_tensors[name].nbytes)
+        files = w.finish()
+    assert files == direct
+    for file_name in files:
+        assert (tmp_path / "background" / file_name).read_bytes() == (tmp_path / "direct" / file_name).read_bytes()
+
+
+def test_background_writer_errors_reach_the_caller_and_leave_no_folder(tmp_path, mixed_tensors):
+    save_file({"tiny": torch.ones(1)}, str(tmp_path / "short.safetensors"))
+    destination = tmp_path / "out" / "merged"
+    with (
+        pytest.raises(ValueError, match="too short"),
+        atomic_directory(destination) as folder,
+        BackgroundWriter(ShardedSafetensorsWriter(folder, _specs(mixed_tensors), "2KB")) as writer,
+    ):
+        writer.copy_from_file("big.f32", tmp_path / "short.safetensors", 8)  # fails in the thread
+        for name in ["odd.bf16", "mask", "ids", "half"]:
+            writer.write(name, mixed_tensors[name])
+        writer.finish()
+    assert list((tmp_path / "out").iterdir()) == []
+    second = tmp_path / "second"
+    second.mkdir()
+    with BackgroundWriter(ShardedSafetensorsWriter(second, _specs(mixed_tensors), "2KB")) as writer:
+        with pytest.raises(ValueError, match="plan says"):  # checked in the caller's thread, at once
+            writer.write("mask", torch.ones(3))
+        writer.write("mask", mixed_tensors["mask"])
+        with pytest.raises(ValueError, match="already written"):
+            writer.write("mask", mixed_tensors["mask"])
+        with pytest.raises(ValueError, match="not in the writer's plan"):
+            writer.copy_from_file("nope", tmp_path / "short.safetensors", 8)
+    assert list(second.iterdir()) == []  # close removed the incomplete shard
+
+
 def test_read_tensor_specs_lists_tensors_in_storage_order(tmp_path):
     tensors = {
         "z.f32": torch.ones(3),
@@ -329,15 +392,30 @@ def test_merge_checkpoint_reads_the_base_front_to_back(tmp_path, monkeypatch):
     add_lora(base, "default", seed=1, r=2, target_modules=["q_proj", "down_proj"]).save_pretrained(
         tmp_path / "adapter"
     )
-    reads, original = [], reader.read_tensor
+    from peft_merge_ext.checkpoint_writer import BackgroundWriter
+
+    reads, original, original_copy = [], reader.read_tensor, BackgroundWriter.copy_from_file
     monkeypatch.setattr(
-        reader, "read_tensor", lambda path, name: reads.append((Path(path), name)) or original(path, name)
+        reader, "read_tensor", lambda path, name: reads.append((Path(path), name, "read")) or original(path, name)
+    )
+    # Unchanged tensors are copied file to file instead of read: record those requests too, in the same list.
+    monkeypatch.setattr(
+        BackgroundWriter,
+        "copy_from_file",
+        lambda self, name, source, offset: (
+            reads.append((Path(source), name, "copy")) or original_copy(self, name, source, offset)
+        ),
     )
     result = merge_checkpoint(
         tmp_path / "base", [tmp_path / "adapter"], out=tmp_path / "out", max_shard_size="30KB", quiet=True
     )
-    base_reads = [(path.name, name) for path, name in reads if path.parent == tmp_path / "base"]
+    base_reads = [(path.name, name) for path, name, _ in reads if path.parent == tmp_path / "base"]
     assert base_reads == _storage_order(tmp_path / "base")
+    kinds = {name: kind for path, name, kind in reads if path.parent == tmp_path / "base"}
+    assert {name for name, kind in kinds.items() if kind == "read"} == {
+        name for name in kinds if name.endswith(("q_proj.weight", "down_proj.weight"))
+    }
+    assert sum(kind == "copy" for kind in kinds.values()) > 10
     assert len(result.files) > 2 and sorted(os.listdir(tmp_path / "out")) == sorted(
         [*result.files, "README.md", "config.json", "generation_config.json"]
     )
