@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import add_lora, tiny_gpt2, tiny_llama
+from dense_reference import dense_karcher
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -91,31 +92,7 @@ def slerp_reference(deltas: list[torch.Tensor], weights: list[float], where: Whe
 
 def karcher_reference(deltas: list[torch.Tensor], weights: list[float], where: Where, options: dict) -> torch.Tensor:
     """Dense Riemannian iteration on the flattened unit vectors, rescaled by the weighted mean of the norms."""
-    total = sum(weights)
-    weights = [w / total for w in weights]
-    vectors = [d.flatten() for d in deltas]
-    norms = [float(v.norm()) for v in vectors]
-    mean_norm = sum(w * n for w, n in zip(weights, norms, strict=True))
-    points = [(w, v / n) for w, v, n in zip(weights, vectors, norms, strict=True) if n > 0 and w > 0]
-    if not points:
-        return torch.zeros_like(deltas[0])
-    point_total = sum(w for w, _ in points)
-    points = [(w / point_total, u) for w, u in points]
-    mean = sum(w * u for w, u in points)
-    mean = mean / mean.norm()
-    for _ in range(1000):
-        tangent = torch.zeros_like(mean)
-        for w, u in points:
-            cosine = min(max(float(u @ mean), -1.0), 1.0)
-            angle = math.acos(cosine)
-            if angle > 1e-12:
-                tangent += w * angle / math.sin(angle) * (u - cosine * mean)
-        step = float(tangent.norm())
-        if step < 1e-14:
-            break
-        mean = math.cos(step) * mean + math.sin(step) * tangent / step
-        mean = mean / mean.norm()
-    return (mean * mean_norm).reshape(deltas[0].shape)
+    return dense_karcher(deltas, weights)
 
 
 REFERENCES: dict[str, Callable[[list[torch.Tensor], list[float], Where, dict], torch.Tensor]] = {

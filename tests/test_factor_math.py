@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from dense_reference import dense_karcher
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -301,35 +302,6 @@ def test_slerp_with_a_zero_delta_is_linear():
 
 # ----------------------------------------------------------------------------------------------------------------
 # karcher
-
-
-def dense_karcher(matrices: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Weighted Karcher mean of the unit directions (dense Riemannian gradient iteration), scaled by the mean norm."""
-    total = sum(weights)
-    weights = [w / total for w in weights]
-    vectors = [m.flatten() for m in matrices]
-    norms = [float(v.norm()) for v in vectors]
-    mean_norm = sum(w * n for w, n in zip(weights, norms, strict=True))
-    points = [(w, v / n) for w, v, n in zip(weights, vectors, norms, strict=True) if n > 0 and w > 0]
-    if not points:
-        return torch.zeros_like(matrices[0])
-    point_total = sum(w for w, _ in points)
-    points = [(w / point_total, u) for w, u in points]
-    mean = sum(w * u for w, u in points)
-    mean = mean / mean.norm()
-    for _ in range(1000):
-        tangent = torch.zeros_like(mean)
-        for w, u in points:
-            cosine = min(max(float(u @ mean), -1.0), 1.0)
-            angle = math.acos(cosine)
-            if angle > 1e-12:
-                tangent += w * angle / math.sin(angle) * (u - cosine * mean)
-        step = float(tangent.norm())
-        if step < 1e-14:
-            break
-        mean = math.cos(step) * mean + math.sin(step) * tangent / step
-        mean = mean / mean.norm()
-    return (mean * mean_norm).reshape(matrices[0].shape)
 
 
 @PROPERTY_SETTINGS
