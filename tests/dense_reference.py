@@ -34,3 +34,16 @@ def dense_karcher(matrices: list[torch.Tensor], weights: list[float]) -> torch.T
         mean = math.cos(step) * mean + math.sin(step) * tangent / step
         mean = mean / mean.norm()
     return (mean * mean_norm).reshape(matrices[0].shape)
+
+
+def dense_slerp(first: torch.Tensor, second: torch.Tensor, t: float) -> torch.Tensor:
+    """The model-merging SLERP convention on raw deltas, with the colinear and zero fallbacks, densely."""
+    x, y = first.flatten(), second.flatten()
+    nx, ny = float(x.norm()), float(y.norm())
+    if nx == 0 or ny == 0:
+        return (1 - t) * first + t * second
+    cosine = min(max(float(x @ y) / (nx * ny), -1.0), 1.0)
+    if abs(cosine) > 0.9995:
+        return (1 - t) * first + t * second
+    theta = math.acos(cosine)
+    return (math.sin((1 - t) * theta) * first + math.sin(t * theta) * second) / math.sin(theta)

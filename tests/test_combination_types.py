@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import add_lora, tiny_gpt2, tiny_llama
-from dense_reference import dense_karcher
+from dense_reference import dense_karcher, dense_slerp
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -72,18 +72,6 @@ def reference_t(t: Any, weights: list[float], where: Where) -> float:
         low = min(int(segment), len(t) - 2)
         return t[low] + (t[low + 1] - t[low]) * (segment - low)
     return t
-
-
-def dense_slerp(first: torch.Tensor, second: torch.Tensor, t: float) -> torch.Tensor:
-    x, y = first.flatten(), second.flatten()
-    nx, ny = float(x.norm()), float(y.norm())
-    if nx == 0 or ny == 0:
-        return (1 - t) * first + t * second
-    cosine = min(max(float(x @ y) / (nx * ny), -1.0), 1.0)
-    if abs(cosine) > 0.9995:
-        return (1 - t) * first + t * second
-    theta = math.acos(cosine)
-    return (math.sin((1 - t) * theta) * first + math.sin(t * theta) * second) / math.sin(theta)
 
 
 def slerp_reference(deltas: list[torch.Tensor], weights: list[float], where: Where, options: dict) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from dense_reference import dense_karcher
+from dense_reference import dense_karcher, dense_slerp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -235,19 +235,6 @@ def test_linear_combination_rejects_mismatched_lengths():
 
 # ----------------------------------------------------------------------------------------------------------------
 # slerp
-
-
-def dense_slerp(first: torch.Tensor, second: torch.Tensor, t: float) -> torch.Tensor:
-    """The model-merging SLERP convention on raw deltas, with the colinear and zero fallbacks, densely."""
-    x, y = first.flatten(), second.flatten()
-    nx, ny = float(x.norm()), float(y.norm())
-    if nx == 0 or ny == 0:
-        return (1 - t) * first + t * second
-    cosine = min(max(float(x @ y) / (nx * ny), -1.0), 1.0)
-    if abs(cosine) > 0.9995:
-        return (1 - t) * first + t * second
-    theta = math.acos(cosine)
-    return (math.sin((1 - t) * theta) * first + math.sin(t * theta) * second) / math.sin(theta)
 
 
 @PROPERTY_SETTINGS
