@@ -82,7 +82,7 @@ def build_inputs(workdir: Path, size: str, rank: int, seed: int) -> tuple[Path, 
     from peft import LoraConfig
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
+    from peft_merge_ext.checkpoint.writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
 
     base, first, second = workdir / "base", workdir / "adapter-a", workdir / "adapter-b"
     config = LlamaConfig(**SIZES[size], tie_word_embeddings=False, max_position_embeddings=2048)

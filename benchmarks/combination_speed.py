@@ -187,9 +187,9 @@ def relative_error(module: torch.nn.Module, adapter: str, reference: torch.Tenso
 def time_ours_per_module(model, request, names: list[str], repeats: int) -> float:
     """Time of reading the factors and combining them (the work `add_weighted_adapter` does per module): the best of
     `repeats` runs per module (robust to other processes), the median over the modules."""
-    from peft_merge_ext.combine import combine_factors
-    from peft_merge_ext.factor_math import compute_dtype_for
-    from peft_merge_ext.lora_layers import LoraModuleInfo, read_factors
+    from peft_merge_ext.engine.combine import combine_factors
+    from peft_merge_ext.lowrank.factor_math import compute_dtype_for
+    from peft_merge_ext.peft_bridge.layers import LoraModuleInfo, read_factors
 
     layers = lora_layers(model, request.adapters[0])
     best = []
@@ -222,7 +222,7 @@ def reference_for(method: str, deltas: list[torch.Tensor], weights: list[float],
 
 def run(args: argparse.Namespace) -> list[Row]:
     import peft_merge_ext
-    from peft_merge_ext.combine import prepare_request
+    from peft_merge_ext.engine.combine import prepare_request
 
     adapters = [f"task{i}" for i in range(args.adapters)]
     weights = [round(1.0 / args.adapters + 0.05 * (i - (args.adapters - 1) / 2), 4) for i in range(args.adapters)]

@@ -119,7 +119,7 @@ FULL = Settings(
 
 def measure(model: Any, adapter: str | None, examples: list[dict]) -> tuple[float, float]:
     """(accuracy, loss) of `model` with only `adapter` active (`None`: the base, adapters disabled)."""
-    from peft_merge_ext.evaluation import compute_metrics
+    from peft_merge_ext.search.evaluation import compute_metrics
 
     if adapter is None:
         with model.disable_adapter():
@@ -211,8 +211,8 @@ def run(settings: Settings, seed: int, quick: bool) -> dict:
     from peft import get_peft_model
 
     import peft_merge_ext
-    from peft_merge_ext.plugins import get_combination_types
-    from peft_merge_ext.weight_search import search_weights
+    from peft_merge_ext.plugins.registry import get_combination_types
+    from peft_merge_ext.search.weight_search import search_weights
 
     started = time.perf_counter()
     timings: dict[str, float] = {}

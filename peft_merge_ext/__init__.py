@@ -7,9 +7,9 @@ it is.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False
+from ._version import __version__
 
-__version__ = "0.1.0"
+TYPE_CHECKING = False
 
 __all__ = [
     "AdapterCompatibilityError",
@@ -57,36 +57,36 @@ __all__ = [
 ]
 
 _LAZY = {
-    "hookimpl": "hookspecs",
-    "hookspec": "hookspecs",
-    "get_combination_types": "plugins",
-    "get_plugins": "plugins",
-    "load_plugins": "plugins",
-    "run_hook": "plugins",
-    "CombinationType": "plugins",
-    "LowRankDelta": "contract",
-    "ModuleContext": "contract",
-    "MergeReport": "report",
-    "get_merge_report": "report",
-    "MergeInfo": "merge_info",
-    "AdapterInfo": "merge_info",
-    "install": "peft_patch",
-    "uninstall": "peft_patch",
-    "is_installed": "peft_patch",
-    "save_merged": "merged_model",
-    "push_merged": "merged_model",
-    "build_model_card": "model_card",
-    "write_model_card": "model_card",
-    "upload_folder": "hub",
-    "merge_checkpoint": "checkpoint_merge",
-    "plan_checkpoint_merge": "checkpoint_merge",
+    "hookimpl": "plugins.hookspecs",
+    "hookspec": "plugins.hookspecs",
+    "get_combination_types": "plugins.registry",
+    "get_plugins": "plugins.registry",
+    "load_plugins": "plugins.registry",
+    "run_hook": "plugins.registry",
+    "CombinationType": "plugins.registry",
+    "LowRankDelta": "plugins.contract",
+    "ModuleContext": "plugins.contract",
+    "MergeReport": "engine.report",
+    "get_merge_report": "engine.report",
+    "MergeInfo": "engine.merge_info",
+    "AdapterInfo": "engine.merge_info",
+    "install": "peft_bridge.patch",
+    "uninstall": "peft_bridge.patch",
+    "is_installed": "peft_bridge.patch",
+    "save_merged": "publish.save",
+    "push_merged": "publish.save",
+    "build_model_card": "publish.card",
+    "write_model_card": "publish.card",
+    "upload_folder": "publish.hub",
+    "merge_checkpoint": "publish.merge_checkpoint",
+    "plan_checkpoint_merge": "publish.merge_checkpoint",
     "Recipe": "recipe",
     "load_recipe": "recipe",
     "run_recipe": "recipe",
     "LoRAMerger": "lora_merger",
-    "search_weights": "weight_search",
-    "SearchResult": "weight_search",
-    "evaluate": "evaluation",
+    "search_weights": "search.weight_search",
+    "SearchResult": "search.weight_search",
+    "evaluate": "search.evaluation",
     "PeftMergeExtError": "errors",
     "PluginError": "errors",
     "DuplicateCombinationTypeError": "errors",
@@ -101,8 +101,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
-    from .contract import LowRankDelta, ModuleContext
+    from .engine.merge_info import AdapterInfo, MergeInfo
+    from .engine.report import MergeReport, get_merge_report
     from .errors import (
         AdapterCompatibilityError,
         CombinationError,
@@ -115,18 +115,18 @@ if TYPE_CHECKING:  # pragma: no cover
         ReservedCombinationTypeError,
         UnknownCombinationTypeError,
     )
-    from .evaluation import evaluate
-    from .hookspecs import hookimpl, hookspec
-    from .hub import upload_folder
     from .lora_merger import LoRAMerger
-    from .merge_info import AdapterInfo, MergeInfo
-    from .merged_model import push_merged, save_merged
-    from .model_card import build_model_card, write_model_card
-    from .peft_patch import install, is_installed, uninstall
-    from .plugins import CombinationType, get_combination_types, get_plugins, load_plugins, run_hook
+    from .peft_bridge.patch import install, is_installed, uninstall
+    from .plugins.contract import LowRankDelta, ModuleContext
+    from .plugins.hookspecs import hookimpl, hookspec
+    from .plugins.registry import CombinationType, get_combination_types, get_plugins, load_plugins, run_hook
+    from .publish.card import build_model_card, write_model_card
+    from .publish.hub import upload_folder
+    from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
+    from .publish.save import push_merged, save_merged
     from .recipe import Recipe, RecipeError, load_recipe, run_recipe
-    from .report import MergeReport, get_merge_report
-    from .weight_search import SearchResult, search_weights
+    from .search.evaluation import evaluate
+    from .search.weight_search import SearchResult, search_weights
 
 
 def __getattr__(name: str) -> object:

@@ -25,7 +25,7 @@ def is_disabled() -> bool:
 
 def _install_quietly() -> None:
     try:
-        from .peft_patch import install_loaded
+        from .peft_bridge.patch import install_loaded
 
         install_loaded()
     except Exception as error:  # a broken patch must never break `import peft`

@@ -57,7 +57,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `peft-merge-ext`."""
     parser = _Parser(prog="peft-merge-ext", description="Merge LoRA adapters: plugins, streaming merges, recipes.")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"peft-merge-ext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -128,7 +128,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command_plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_combination_types, get_plugins
+    from .plugins.registry import get_combination_types, get_plugins
 
     types = get_combination_types()
     plugins = [
@@ -179,7 +179,7 @@ def _print_result(result: Any) -> None:
 
 
 def _command_merge(args: argparse.Namespace) -> int:
-    from .checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
+    from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
 
     options = _options(args)
     common = {
@@ -228,7 +228,7 @@ def _command_upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import MergeInputError
-    from .hub import upload_folder
+    from .publish.hub import upload_folder
 
     if not Path(args.folder).is_dir():
         raise MergeInputError(f"{args.folder} is not a folder.")
@@ -246,7 +246,7 @@ def _command_upload(args: argparse.Namespace) -> int:
 
 def _command_search(args: argparse.Namespace) -> int:
     try:
-        from .weight_search import run_search_cli
+        from .search.weight_search import run_search_cli
     except ImportError as error:
         from .errors import MergeInputError
 

@@ -84,8 +84,8 @@ def run_demo(out: str | Path | None = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     import peft_merge_ext
-    from peft_merge_ext.checkpoint_merge import merge_checkpoint
-    from peft_merge_ext.merged_model import save_merged
+    from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint
+    from peft_merge_ext.publish.save import save_merged
 
     peft_merge_ext.install()
     with (

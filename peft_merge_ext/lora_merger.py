@@ -35,9 +35,9 @@ def _merged_weights(model: Any, adapters: Sequence[str], weights: Any, method: s
     """Weight key -> (base layer, merged weight) of every module the adapters touch; the model is not modified."""
     import torch
 
-    from .combine import combine_adapters, prepare_request
-    from .lora_layers import check_supported, find_lora_modules, read_factors
-    from .weight_merge import merge_delta_into_weight
+    from .engine.combine import combine_adapters, prepare_request
+    from .lowrank.weight_merge import merge_delta_into_weight
+    from .peft_bridge.layers import check_supported, find_lora_modules, read_factors
 
     lora_model = _lora_model(model)
     svd_rank = options.pop("svd_rank", None)
@@ -47,8 +47,8 @@ def _merged_weights(model: Any, adapters: Sequence[str], weights: Any, method: s
     if method is None:
         if options or svd_rank is not None:
             raise MergeInputError("Options and svd_rank need a method; pass method='weighted' for one adapter.")
-        from .combine import check_adapter_configs
-        from .plugins import check_weights
+        from .engine.combine import check_adapter_configs
+        from .plugins.registry import check_weights
 
         check_adapter_configs(lora_model.peft_config, adapters)
         weight = check_weights([1.0] if weights is None else weights, 1)[0]
@@ -126,7 +126,7 @@ class LoRAMerger:
         import transformers
         from peft import PeftModel
 
-        from .checkpoint_merge import parse_dtype
+        from .publish.merge_checkpoint import parse_dtype
 
         config = transformers.AutoConfig.from_pretrained(self.base_model)
         architectures = getattr(config, "architectures", None) or []
@@ -155,7 +155,7 @@ class LoRAMerger:
         Returns:
             `transformers.PreTrainedModel`: The merged model (no LoRA layers left), ready for `save_pretrained`.
         """
-        from .plugins import get_combination_types
+        from .plugins.registry import get_combination_types
 
         if method is not None and method not in get_combination_types():
             from .errors import UnknownCombinationTypeError
@@ -183,8 +183,8 @@ class LoRAMerger:
         Returns:
             `str`: The commit (or pull request) URL.
         """
-        from .checkpoint_merge import merge_checkpoint
-        from .hub import upload_folder
+        from .publish.hub import upload_folder
+        from .publish.merge_checkpoint import merge_checkpoint
 
         upload_keys = ("private", "revision", "create_pr", "commit_message", "commit_description")
         upload_options = {key: kwargs.pop(key) for key in upload_keys if key in kwargs}

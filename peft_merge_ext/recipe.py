@@ -168,7 +168,7 @@ def _parse(data: Any, source_dir: Path | None) -> Recipe:
         raise _fail("svd_rank", f"must be a positive integer or null, got {svd_rank!r}.")
     dtype = _string(data.get("dtype"), "dtype", optional=True)
     if dtype is not None:
-        from .checkpoint_merge import parse_dtype
+        from .publish.merge_checkpoint import parse_dtype
 
         try:
             parse_dtype(dtype)
@@ -245,7 +245,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, quiet: bool = False, ov
     Returns:
         `CheckpointMergeResult` or, with `dry_run`, the `MergePlan`.
     """
-    from .checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
+    from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
 
     if not recipe.merge_into_base:
         raise _fail(

@@ -14,15 +14,15 @@ from conftest import add_lora, tiny_gpt2, tiny_llama
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_merge_ext.adapter_files import (
+from peft_merge_ext.checkpoint.adapter_files import (
     INIT_LORA_VARIANTS,
     LORA_VARIANT_FIELDS,
     LoraAdapterConfig,
     pattern_value,
     read_adapter,
 )
-from peft_merge_ext.checkpoint_merge import merge_checkpoint, plan_checkpoint_merge
 from peft_merge_ext.errors import AdapterCompatibilityError, MergeInputError, UnknownCombinationTypeError
+from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -70,7 +70,7 @@ def test_base_is_really_sharded(llama_files):
 
 def test_adapter_factors_match_the_loaded_peft_layers(llama_files):
     _, folders, model = llama_files
-    from peft_merge_ext.lora_layers import find_lora_modules, read_factors
+    from peft_merge_ext.peft_bridge.layers import find_lora_modules, read_factors
 
     adapter = read_adapter(folders["a"])
     layers = {info.name: info for info in find_lora_modules(model.base_model.model, ["a"])}
@@ -117,7 +117,7 @@ def _load(folder):
 def test_identical_to_the_in_memory_save_merged(
     llama_files, tmp_path, names, combination_type, weights, options, dtype
 ):
-    from peft_merge_ext.merged_model import save_merged
+    from peft_merge_ext.publish.save import save_merged
 
     base, folders, _ = llama_files
     model = PeftModel.from_pretrained(_load(base), folders[names[0]], adapter_name=names[0])
@@ -258,7 +258,7 @@ def test_existing_output_folder_is_kept(llama_files, tmp_path):
 
 
 def test_failure_while_streaming_leaves_no_output(llama_files, tmp_path, monkeypatch):
-    import peft_merge_ext.checkpoint_reader as reader
+    import peft_merge_ext.checkpoint.reader as reader
 
     base, folders, _ = llama_files
     original, calls = reader.read_tensor, []
@@ -396,7 +396,7 @@ def test_cuda_request_without_cuda_falls_back_to_cpu(llama_files, tmp_path):
 
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
 def test_tied_embeddings_are_untied_like_save_merged(tmp_path, target):
-    from peft_merge_ext.merged_model import save_merged
+    from peft_merge_ext.publish.save import save_merged
 
     base = tiny_llama(tie_word_embeddings=True)
     base.save_pretrained(tmp_path / "base")
@@ -467,7 +467,7 @@ def test_light_config_knows_peft_lora_variants_and_defaults():
 def test_check_adapter_configs_tests_the_peft_type():
     from peft import AdaLoraConfig
 
-    from peft_merge_ext.combine import check_adapter_configs
+    from peft_merge_ext.engine.combine import check_adapter_configs
 
     configs = {
         "peft": LoraConfig(r=2, target_modules=["q_proj"]),
@@ -503,7 +503,7 @@ def test_plain_merge_imports_neither_peft_nor_transformers(llama_files, tmp_path
     base, folders, _ = llama_files
     code = (
         "import sys\n"
-        "from peft_merge_ext.checkpoint_merge import merge_checkpoint\n"
+        "from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint\n"
         "merge_checkpoint(sys.argv[1], sys.argv[2:-1], out=sys.argv[-1], combination_type='weighted', quiet=True)\n"
         "print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))\n"
     )

@@ -17,8 +17,8 @@ from conftest import add_lora, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from peft_merge_ext.checkpoint_reader import read_tensor, read_tensor_specs
-from peft_merge_ext.checkpoint_writer import (
+from peft_merge_ext.checkpoint.reader import read_tensor, read_tensor_specs
+from peft_merge_ext.checkpoint.writer import (
     BackgroundWriter,
     ShardedSafetensorsWriter,
     TensorSpec,
@@ -334,7 +334,7 @@ def test_tensors_on_the_gpu_are_written(tmp_path):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_merged_weights_source_plans_exactly_what_it_yields(dtype):
-    from peft_merge_ext.merged_model import MergedWeightsSource, _merged_deltas, _resolve_model
+    from peft_merge_ext.publish.save import MergedWeightsSource, _merged_deltas, _resolve_model
 
     model = add_lora(tiny_gpt2(), "a", seed=3, r=4, target_modules=["c_attn"], fan_in_fan_out=True)
     target = _resolve_model(model)
@@ -347,7 +347,7 @@ def test_merged_weights_source_plans_exactly_what_it_yields(dtype):
 
 
 def test_checkpoint_weights_source_plans_from_headers(tmp_path):
-    from peft_merge_ext.merged_model import CheckpointWeightsSource, _merged_deltas, _resolve_model
+    from peft_merge_ext.publish.save import CheckpointWeightsSource, _merged_deltas, _resolve_model
 
     tiny_gpt2().save_pretrained(tmp_path / "base", max_shard_size="40KB")
     assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
@@ -367,8 +367,8 @@ def _storage_order(folder: Path) -> list[tuple[str, str]]:
 
 
 def test_checkpoint_weights_source_reads_the_checkpoint_front_to_back(tmp_path, monkeypatch):
-    import peft_merge_ext.checkpoint_reader as reader
-    from peft_merge_ext.merged_model import CheckpointWeightsSource, _merged_deltas, _resolve_model
+    import peft_merge_ext.checkpoint.reader as reader
+    from peft_merge_ext.publish.save import CheckpointWeightsSource, _merged_deltas, _resolve_model
 
     tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="30KB")
     model = add_lora(tiny_llama(), "a", seed=1, r=2, target_modules=["q_proj"])
@@ -384,15 +384,15 @@ def test_checkpoint_weights_source_reads_the_checkpoint_front_to_back(tmp_path, 
 
 
 def test_merge_checkpoint_reads_the_base_front_to_back(tmp_path, monkeypatch):
-    import peft_merge_ext.checkpoint_reader as reader
-    from peft_merge_ext.checkpoint_merge import merge_checkpoint
+    import peft_merge_ext.checkpoint.reader as reader
+    from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint
 
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base", max_shard_size="30KB")
     add_lora(base, "default", seed=1, r=2, target_modules=["q_proj", "down_proj"]).save_pretrained(
         tmp_path / "adapter"
     )
-    from peft_merge_ext.checkpoint_writer import BackgroundWriter
+    from peft_merge_ext.checkpoint.writer import BackgroundWriter
 
     reads, original, original_copy = [], reader.read_tensor, BackgroundWriter.copy_from_file
     monkeypatch.setattr(

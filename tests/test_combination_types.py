@@ -26,7 +26,7 @@ from torch import nn
 
 import peft_merge_ext
 from peft_merge_ext.errors import AdapterCompatibilityError, CombinationError, MergeInputError, PeftMergeExtError
-from peft_merge_ext.plugins import get_combination_types
+from peft_merge_ext.plugins.registry import get_combination_types
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*lora_bias=True.*was passed"),  # the lora_bias input of the error cases

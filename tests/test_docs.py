@@ -8,7 +8,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from peft_merge_ext import hookspecs
+from peft_merge_ext.plugins import hookspecs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

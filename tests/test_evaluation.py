@@ -9,7 +9,7 @@ import torch
 from conftest import add_lora, tiny_llama
 
 from peft_merge_ext.errors import EvaluationInputError, MergeInputError
-from peft_merge_ext.evaluation import compute_metrics, evaluate, prepare_examples, rows_to_markdown
+from peft_merge_ext.search.evaluation import compute_metrics, evaluate, prepare_examples, rows_to_markdown
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -14,9 +14,7 @@ from dense_reference import dense_karcher, dense_slerp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from peft_merge_ext.builtin_types import average, karcher, slerp, weighted
-from peft_merge_ext.contract import LowRankDelta, ModuleContext
-from peft_merge_ext.factor_math import (
+from peft_merge_ext.lowrank.factor_math import (
     FactoredSpan,
     compress,
     gram_matrix,
@@ -24,6 +22,8 @@ from peft_merge_ext.factor_math import (
     linear_combination,
     slerp_coefficients,
 )
+from peft_merge_ext.plugins.builtin_types import average, karcher, slerp, weighted
+from peft_merge_ext.plugins.contract import LowRankDelta, ModuleContext
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPE = torch.float64

@@ -1,4 +1,4 @@
-"""peft_merge_ext.hub.upload_folder end to end against the fake Hub (tests/hub_server.py) with the real client."""
+"""`publish.hub.upload_folder` end to end against the fake Hub (tests/hub_server.py) with the real client."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from peft_merge_ext.errors import HubUploadError
-from peft_merge_ext.hub import DEFAULT_COMMIT_MESSAGE, upload_folder
+from peft_merge_ext.publish.hub import DEFAULT_COMMIT_MESSAGE, upload_folder
 
 # huggingface_hub's own LFS upload passes a file object as `data=`, which httpx2 flags as deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")

@@ -12,10 +12,10 @@ from conftest import add_lora, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load, load_file
 
-from peft_merge_ext.checkpoint_merge import merge_checkpoint
 from peft_merge_ext.errors import UnknownCombinationTypeError
 from peft_merge_ext.lora_merger import LoRAMerger
-from peft_merge_ext.plugins import get_combination_types
+from peft_merge_ext.plugins.registry import get_combination_types
+from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import os
 import pytest
 from conftest import add_lora, tiny_llama
 
-from peft_merge_ext.merge_info import AdapterInfo, MergeInfo
-from peft_merge_ext.model_card import TEMPLATE_PATH, build_model_card, public_name
+from peft_merge_ext.engine.merge_info import AdapterInfo, MergeInfo
+from peft_merge_ext.publish.card import TEMPLATE_PATH, build_model_card, public_name
 
 
 def _info(**overrides):
@@ -92,7 +92,7 @@ def test_recipe_embedded():
 
 def test_plugin_hook_extends_card():
     from peft_merge_ext import hookimpl
-    from peft_merge_ext.plugins import get_plugin_manager
+    from peft_merge_ext.plugins.registry import get_plugin_manager
 
     class Extra:
         @hookimpl
@@ -111,7 +111,7 @@ def test_plugin_hook_extends_card():
 
 def test_raising_card_hook_warns_and_the_card_is_still_built():
     from peft_merge_ext import hookimpl
-    from peft_merge_ext.plugins import get_plugin_manager
+    from peft_merge_ext.plugins.registry import get_plugin_manager
 
     class Broken:
         @hookimpl

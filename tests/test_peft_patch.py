@@ -18,8 +18,8 @@ from peft_merge_ext.errors import (
     PeftMergeExtError,
     UnknownCombinationTypeError,
 )
-from peft_merge_ext.peft_patch import is_installed
-from peft_merge_ext.plugins import PEFT_COMBINATION_TYPES
+from peft_merge_ext.peft_bridge.patch import is_installed
+from peft_merge_ext.plugins.registry import PEFT_COMBINATION_TYPES
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 

@@ -21,14 +21,14 @@ import torch
 from conftest import add_lora, tiny_llama
 
 import peft_merge_ext
-from peft_merge_ext.contract import LowRankDelta, ModuleContext
 from peft_merge_ext.errors import (
     DuplicateCombinationTypeError,
     MergeInputError,
     PluginError,
     ReservedCombinationTypeError,
 )
-from peft_merge_ext.plugins import LOAD_PLUGINS_ENV, Register, load_plugins
+from peft_merge_ext.plugins.contract import LowRankDelta, ModuleContext
+from peft_merge_ext.plugins.registry import LOAD_PLUGINS_ENV, Register, load_plugins
 
 EXAMPLE_DISTRIBUTION = "peft-merge-ext-example"
 BUILTIN_TYPES = {"weighted", "average", "slerp", "karcher"}
@@ -149,7 +149,7 @@ def test_example_plugin_is_discovered_through_its_entry_point():
 
 def test_builtin_types_come_through_the_same_entry_point_path():
     entry_points = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="peft_merge_ext")}
-    assert entry_points["builtin"] == "peft_merge_ext.builtin_types"
+    assert entry_points["builtin"] == "peft_merge_ext.plugins.builtin_types"
     types = peft_merge_ext.get_combination_types()
     assert set(types) >= BUILTIN_TYPES
     for name in BUILTIN_TYPES:
@@ -194,7 +194,8 @@ def test_hook_register_combination_types(sandbox):
     scaled, bare = types["scaled"], types["scaled_bare"]
     assert scaled.function is module.scaled and scaled.validate is module.check
     assert (scaled.description, dict(scaled.options)) == ("The first delta, scaled.", {"factor": 2.0})
-    assert (bare.description, dict(bare.options), bare.validate) == ("", {}, None)
+    # Options are declared once, by the function's signature: the bare registration gets them too.
+    assert (bare.description, dict(bare.options), bare.validate) == ("", {"factor": 2.0}, None)
     assert scaled.provider == bare.provider == "peft_merge_ext_scaled (peft-merge-ext-scaled 1.0)"
 
     model = add_lora(tiny_llama(), "a", seed=1, r=2, target_modules=["q_proj"])
@@ -223,14 +224,14 @@ BROKEN_CARD_PLUGIN = """
 
 
 def _merge_info():
-    from peft_merge_ext.merge_info import AdapterInfo, MergeInfo
+    from peft_merge_ext.engine.merge_info import AdapterInfo, MergeInfo
 
     adapters = [AdapterInfo(name, None, 0.5, 4, 8.0, ["q_proj"]) for name in ("a", "b")]
     return MergeInfo(base_model=None, adapters=adapters, combination_type="model_stock")
 
 
 def test_hook_extend_model_card(sandbox):
-    from peft_merge_ext.model_card import build_model_card
+    from peft_merge_ext.publish.card import build_model_card
 
     sandbox.add_distribution("peft-merge-ext-card", CARD_PLUGIN)
     sandbox.reload()
@@ -242,7 +243,7 @@ def test_hook_extend_model_card(sandbox):
 def test_run_hook_survives_an_implementation_that_raises(sandbox):
     from huggingface_hub import ModelCard
 
-    from peft_merge_ext.plugins import run_hook
+    from peft_merge_ext.plugins.registry import run_hook
 
     sandbox.add_distribution("peft-merge-ext-card", CARD_PLUGIN)
     sandbox.add_distribution("peft-merge-ext-card-broken", BROKEN_CARD_PLUGIN)
@@ -626,18 +627,19 @@ def test_import_peft_neither_loads_plugins_nor_breaks_with_broken_ones(tmp_path)
         import json, sys, warnings
         sys.path.insert(0, {str(tmp_path)!r})
         warnings.simplefilter("always")
+        OURS = ("peft_merge_ext_", "peft_merge_ext.plugins.builtin")
         with warnings.catch_warnings(record=True) as caught:
             import peft_merge_ext
             import peft
             from peft.tuners.lora.model import LoraModel
-            from peft_merge_ext.peft_patch import is_installed
-            before = sorted(m for m in sys.modules if m.startswith(("peft_merge_ext_", "peft_merge_ext.builtin")))
+            from peft_merge_ext.peft_bridge.patch import is_installed
+            before = sorted(m for m in sys.modules if m.startswith(OURS))
             installed = is_installed()
             # Third-party libraries may warn on import (bitsandbytes does); none of the warnings may be ours.
             at_import = sum("peft-merge-ext" in str(w.message) or "peft_merge_ext" in str(w.message) for w in caught)
             types = sorted(peft_merge_ext.get_combination_types())
             peft_merge_ext.get_combination_types()
-            after = sorted(m for m in sys.modules if m.startswith(("peft_merge_ext_", "peft_merge_ext.builtin")))
+            after = sorted(m for m in sys.modules if m.startswith(OURS))
         messages = [str(w.message) for w in caught if {PLUGIN_WARNING!r} in str(w.message)]
         print(json.dumps(dict(before=before, installed=installed, at_import=at_import, types=types, after=after,
                               messages=messages)))
@@ -649,7 +651,7 @@ def test_import_peft_neither_loads_plugins_nor_breaks_with_broken_ones(tmp_path)
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["before"] == [] and outcome["at_import"] == 0 and outcome["installed"]
     assert {"model_stock", *BUILTIN_TYPES} <= set(outcome["types"])
-    assert {"peft_merge_ext_example", "peft_merge_ext.builtin_types"} <= set(outcome["after"])
+    assert {"peft_merge_ext_example", "peft_merge_ext.plugins.builtin_types"} <= set(outcome["after"])
     assert len(outcome["messages"]) == len(broken)
     for module in broken:
         assert sum(repr(module) in message for message in outcome["messages"]) == 1, outcome["messages"]

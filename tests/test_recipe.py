@@ -111,7 +111,7 @@ def _card_recipe(folder: Path) -> str:
 def test_recipe_in_a_model_card_reruns_as_is(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from peft_merge_ext.checkpoint_merge import merge_checkpoint
+    from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint
 
     staging = tmp_path / "staging"
     base = tiny_llama()

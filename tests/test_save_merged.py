@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import add_lora, tiny_gpt2, tiny_llama
 
-from peft_merge_ext.checkpoint_writer import ShardedSafetensorsWriter
+from peft_merge_ext.checkpoint.writer import ShardedSafetensorsWriter
 from peft_merge_ext.errors import MergeInputError, PeftMergeExtError
 
 INPUT = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -96,7 +96,7 @@ def test_pth_file_is_installed_and_start_up_imports_nothing_heavy():
     assert outcome == {
         "heavy": [],
         "watchers": ["PeftImportWatcher"],
-        "ours": ["peft_merge_ext", "peft_merge_ext._activation"],
+        "ours": ["peft_merge_ext", "peft_merge_ext._activation", "peft_merge_ext._version"],
     }
 
 
@@ -188,7 +188,7 @@ def test_wheel_ships_the_start_up_files_and_works_when_installed(tmp_path):
         assert {PTH_NAME, START_NAME} <= names
         assert archive.read(PTH_NAME).decode().strip() == "import peft_merge_ext"
         assert archive.read(START_NAME).decode().strip() == "peft_merge_ext._activation:activate"
-    assert "peft_merge_ext/__init__.py" in names and "peft_merge_ext/builtin_types.py" in names
+    assert "peft_merge_ext/__init__.py" in names and "peft_merge_ext/plugins/builtin_types.py" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

@@ -11,8 +11,8 @@ import torch
 from conftest import add_lora, tiny_llama
 
 from peft_merge_ext.errors import EvaluationInputError, MergeInputError, UnknownCombinationTypeError
-from peft_merge_ext.evaluation import compute_metrics
-from peft_merge_ext.weight_search import SCRATCH_ADAPTER, run_search_cli, search_weights
+from peft_merge_ext.search.evaluation import compute_metrics
+from peft_merge_ext.search.weight_search import SCRATCH_ADAPTER, run_search_cli, search_weights
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

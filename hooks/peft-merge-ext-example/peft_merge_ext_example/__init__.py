@@ -21,9 +21,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import peft_merge_ext
-from peft_merge_ext import LowRankDelta, MergeInputError, ModuleContext
-from peft_merge_ext.factor_math import gram_matrix, linear_combination
+from peft_merge_ext.plugins import (
+    LowRankDelta,
+    MergeInputError,
+    ModuleContext,
+    gram_matrix,
+    hookimpl,
+    linear_combination,
+)
 
 __all__ = ["model_stock", "model_stock_ratio", "register_combination_types"]
 
@@ -91,7 +96,7 @@ def validate_model_stock(weights: list[float], options: dict[str, Any]) -> None:
         )
 
 
-@peft_merge_ext.hookimpl
+@hookimpl
 def register_combination_types(register: Any) -> None:
     """Register `model_stock`."""
     register(

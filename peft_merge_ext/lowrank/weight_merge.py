@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import LowRankDelta
+from ..plugins.contract import LowRankDelta
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "delta_in_weight_layout", "merge_delta_into_weight"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .contract import LowRankDelta
-from .errors import AdapterCompatibilityError
+from ..errors import AdapterCompatibilityError
+from ..plugins.contract import LowRankDelta
 
 __all__ = ["LoraModuleInfo", "find_lora_modules", "read_factors", "write_factors"]
 

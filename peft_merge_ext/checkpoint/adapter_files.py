@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .contract import LowRankDelta
-from .errors import AdapterCompatibilityError, MergeInputError
+from ..errors import AdapterCompatibilityError, MergeInputError
+from ..plugins.contract import LowRankDelta
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -330,7 +330,7 @@ def _load_config(folder: Path, source: str) -> LoraAdapterConfig:
 
 
 def _check_config(config: LoraAdapterConfig, name: str) -> None:
-    from .combine import check_adapter_configs
+    from ..engine.combine import check_adapter_configs
 
     check_adapter_configs({name: config}, [name])
     for variant in LORA_VARIANT_FIELDS:
@@ -369,7 +369,7 @@ def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.d
         state = torch.load(path, map_location="cpu", weights_only=True)
         tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
         return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, tensors.__getitem__
-    from .checkpoint_reader import read_tensor, read_tensor_specs
+    from ..checkpoint.reader import read_tensor, read_tensor_specs
 
     specs = {spec.name: (spec.shape, spec.dtype) for spec in read_tensor_specs(path)}
     return specs, lambda key: read_tensor(path, key)

@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import HubUploadError
+from ..errors import HubUploadError
 
 __all__ = ["DEFAULT_COMMIT_MESSAGE", "upload_folder"]
 
@@ -82,7 +82,7 @@ def upload_folder(
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from . import __version__
+    from .._version import __version__
 
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     api = HfApi(endpoint=endpoint, token=token, library_name="peft-merge-ext", library_version=__version__)

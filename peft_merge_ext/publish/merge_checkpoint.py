@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeInputError, UnknownCombinationTypeError
+from ..errors import MergeInputError, UnknownCombinationTypeError
 
 __all__ = ["CheckpointMergeResult", "MergePlan", "merge_checkpoint", "parse_dtype", "plan_checkpoint_merge"]
 
@@ -219,8 +219,8 @@ def _is_hub_id(text: str) -> bool:
 
 
 def _base_tensors(folder: Path, allow_pickle: bool) -> list[_BaseTensor]:
-    from .checkpoint_reader import read_tensor_specs
-    from .checkpoint_writer import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    from ..checkpoint.reader import read_tensor_specs
+    from ..checkpoint.writer import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
@@ -288,7 +288,7 @@ def _read_base_tensor(tensor: _BaseTensor) -> Any:
         value = state[tensor.stored_name].clone()
         del state
         return value
-    from .checkpoint_reader import read_tensor
+    from ..checkpoint.reader import read_tensor
 
     return read_tensor(tensor.file, tensor.stored_name)
 
@@ -330,8 +330,8 @@ def _num_layers(config: dict[str, Any], modules: Sequence[str]) -> int | None:
 def _check_combination(
     combination_type: str | None, names: list[str], configs: dict[str, Any], weights: Any, svd_rank: Any, options: dict
 ) -> tuple[Any, list[float]]:
-    from .combine import prepare_request
-    from .plugins import PEFT_COMBINATION_TYPES, check_weights, get_combination_types
+    from ..engine.combine import prepare_request
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, check_weights, get_combination_types
 
     if combination_type is None:
         if options or svd_rank is not None:
@@ -387,8 +387,8 @@ def plan_checkpoint_merge(
     """
     import torch
 
-    from .adapter_files import read_adapter, resolve_folder
-    from .factor_math import compute_dtype_for
+    from ..checkpoint.adapter_files import read_adapter, resolve_folder
+    from ..lowrank.factor_math import compute_dtype_for
 
     if isinstance(adapters, (str, Path)) or not adapters:
         raise MergeInputError(f"adapters must be a non-empty list of adapter folders, got {adapters!r}.")
@@ -437,8 +437,8 @@ def plan_checkpoint_merge(
     )
     _validate_targets(plan)
     plan.output_bytes = sum(_nbytes(t.shape, plan.output_dtype_of(t)) for t in tensors)
-    from .checkpoint_writer import DEFAULT_MAX_PENDING_BYTES
-    from .weight_merge import DEFAULT_BLOCK_ELEMENTS
+    from ..checkpoint.writer import DEFAULT_MAX_PENDING_BYTES
+    from ..lowrank.weight_merge import DEFAULT_BLOCK_ELEMENTS
 
     # Tensors that go through memory: the targets and those changing dtype (the others are copied file to file). Each
     # is its input (memory-mapped) plus its output; the writer thread holds at most max(64 MB, one output) more.
@@ -591,8 +591,8 @@ class _DeltaSource:
             return self._cache.pop(key)
         import torch
 
-        from .combine import _plain, combine_factors
-        from .contract import LowRankDelta
+        from ..engine.combine import _plain, combine_factors
+        from ..plugins.contract import LowRankDelta
 
         plan = self.plan
         module = plan.targets[key]
@@ -626,8 +626,8 @@ class _DeltaSource:
 
     def report(self) -> Any:
         """The `MergeReport` of the combination (modules in model order), `None` for a single adapter as is."""
-        from .combine import _plain
-        from .report import MergeReport, ModuleReport
+        from ..engine.combine import _plain
+        from ..engine.report import MergeReport, ModuleReport
 
         plan = self.plan
         if plan.request is None:
@@ -651,7 +651,7 @@ def build_merge_info(plan: MergePlan, report: Any) -> Any:
     """The `MergeInfo` of a planned merge (for the model card and the recipe)."""
     from collections import Counter
 
-    from .merge_info import AdapterInfo, MergeInfo
+    from ..engine.merge_info import AdapterInfo, MergeInfo
 
     infos = []
     for adapter, weight in zip(plan.adapters, plan.weights, strict=True):
@@ -697,7 +697,7 @@ def build_merge_info(plan: MergePlan, report: Any) -> Any:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .._version import __version__
 
     found = {"peft-merge-ext": __version__}
     for package in ("peft", "transformers", "torch", "safetensors"):
@@ -727,7 +727,7 @@ def _write_side_files(plan: MergePlan, directory: Path, dtype_name: str | None) 
 
 
 def _write_card(info: Any, directory: Path, plan: MergePlan, repo_id: str | None) -> None:
-    from .model_card import write_model_card
+    from ..publish.card import write_model_card
 
     write_model_card(info, directory, repo_id=repo_id or directory.name, base_card_folder=plan.base_folder)
 
@@ -735,7 +735,7 @@ def _write_card(info: Any, directory: Path, plan: MergePlan, repo_id: str | None
 def _upload(folder: Path, repo_id: str, *, token: str | None, private: bool | None, quiet: bool) -> str:
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    from .hub import upload_folder
+    from ..publish.hub import upload_folder
 
     silence = quiet and not are_progress_bars_disabled()
     if silence:
@@ -800,8 +800,14 @@ def merge_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint_writer import BackgroundWriter, ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
-    from .weight_merge import merge_delta_into_weight
+    from ..checkpoint.writer import (
+        BackgroundWriter,
+        ShardedSafetensorsWriter,
+        TensorSpec,
+        atomic_directory,
+        parse_size,
+    )
+    from ..lowrank.weight_merge import merge_delta_into_weight
 
     started = time.perf_counter()
     try:

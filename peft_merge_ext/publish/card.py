@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .merge_info import MergeInfo
+from ..engine.merge_info import MergeInfo
 
 __all__ = ["TEMPLATE_PATH", "base_model_relation", "build_model_card", "method_formula", "write_model_card"]
 
@@ -48,7 +48,7 @@ def base_model_relation(info: MergeInfo) -> str:
 
 def method_formula(info: MergeInfo) -> tuple[str, str]:
     """The method's display name and formula (with the final `W' = W + ΔW` step for a merged model)."""
-    from .plugins import PEFT_COMBINATION_TYPES
+    from ..plugins.registry import PEFT_COMBINATION_TYPES
 
     name = info.combination_type
     if name in FORMULAS:
@@ -69,7 +69,7 @@ def _description(name: str | None) -> str:
     if name is None:
         return "the adapter merged as it is"
     try:
-        from .plugins import get_combination_types
+        from ..plugins.registry import get_combination_types
 
         combination = get_combination_types().get(name)
     except Exception:
@@ -134,7 +134,7 @@ def _summary_table(info: MergeInfo) -> str:
 
 def _recipe(info: MergeInfo) -> str | None:
     try:
-        from .recipe import recipe_from_merge_info
+        from ..recipe import recipe_from_merge_info
     except ImportError:
         return None
     return recipe_from_merge_info(info).to_yaml().strip()
@@ -190,7 +190,7 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .plugins import run_hook
+    from ..plugins.registry import run_hook
 
     info = _sanitized(info)
     name = public_name(repo_id) or "merged-model"

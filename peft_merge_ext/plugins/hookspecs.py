@@ -29,9 +29,9 @@ def register_combination_types(register: Any) -> None:
     """Register new combination types by calling `register(name, function, description, options, validate)`.
 
     :param register: callback taking the type's name (lowercase snake_case, not one of PEFT's), its combination
-        function `function(deltas, weights, context, **options)` (see `peft_merge_ext.contract`), a one-line
+        function `function(deltas, weights, context, **options)` (see `peft_merge_ext.plugins.contract`), a one-line
         description, the mapping of the options it accepts to their defaults, and an optional
-        `validate(weights, options)` run before anything is modified; see `peft_merge_ext.plugins.Register`.
+        `validate(weights, options)` run before anything is modified; see `peft_merge_ext.plugins.registry.Register`.
     """
 
 

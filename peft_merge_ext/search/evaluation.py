@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._adapter_state import lora_model_of, using_adapter
-from .errors import EvaluationInputError, MergeInputError
+from ..errors import EvaluationInputError, MergeInputError
+from ..peft_bridge.adapter_state import lora_model_of, using_adapter
 
 __all__ = [
     "METRICS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .report import MergeReport
+from ..engine.report import MergeReport
 
 __all__ = ["AdapterInfo", "MergeInfo"]
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import (
+from ..errors import (
     DuplicateCombinationTypeError,
     MergeInputError,
     PluginError,
     ReservedCombinationTypeError,
 )
+from . import hookspecs
 
 __all__ = [
     "PEFT_COMBINATION_TYPES",
@@ -42,7 +42,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "peft_merge_ext"
 LOAD_PLUGINS_ENV = "PEFT_MERGE_EXT_LOAD_PLUGINS"
-DEFAULT_PLUGINS = {"builtin": "peft_merge_ext.builtin_types"}
+DEFAULT_PLUGINS = {"builtin": "peft_merge_ext.plugins.builtin_types"}
 
 # The combination types owned by PEFT's own `LoraModel.add_weighted_adapter`.
 PEFT_COMBINATION_TYPES = frozenset(
@@ -96,9 +96,10 @@ class CombinationType:
 
     Args:
         name (`str`): The `combination_type` value users pass.
-        function (`Callable`): `function(deltas, weights, context, **options)`, see `peft_merge_ext.contract`.
+        function (`Callable`): `function(deltas, weights, context, **options)`, see `peft_merge_ext.plugins.contract`.
         description (`str`): One line shown by `peft-merge-ext plugins` and in model cards.
-        options (`Mapping[str, Any]`): The options the function accepts, with their defaults.
+        options (`Mapping[str, Any]`): The options the function accepts, with their defaults (read from the
+            function's signature: the parameters after `deltas, weights, context`).
         validate (`Callable`, *optional*): `validate(weights, options)`, called once before any work; raises on bad
             input.
         plugin (`str`): The name of the plugin that registered it.
@@ -176,7 +177,7 @@ class Register:
             raise PluginError(f"The function registered for {name!r} is not callable: {function!r}.")
         if validate is not None and not callable(validate):
             raise PluginError(f"validate for {name!r} must be callable or None.")
-        options = dict(options or {})
+        options = {**_signature_options(name, function), **dict(options or {})}
         for option in options:
             if not isinstance(option, str) or not option.isidentifier():
                 raise PluginError(f"Option {option!r} of {name!r} must be a valid Python identifier.")
@@ -204,6 +205,30 @@ class Register:
                 version=self._version,
             )
         )
+
+
+def _signature_options(name: str, function: Callable[..., Any]) -> dict[str, Any]:
+    """A combination function's options: its parameters after `(deltas, weights, context)` that have defaults."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return {}
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        raise PluginError(
+            f"The function registered for {name!r} must take (deltas, weights, context, **options); its signature is "
+            f"{inspect.signature(function)}."
+        )
+    rest = positional[3:] + [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    required = [p.name for p in rest if p.default is p.empty]
+    if required:
+        raise PluginError(
+            f"Option(s) {required} of {name!r} have no default; give every option a default in the function's "
+            "signature."
+        )
+    return {p.name: p.default for p in rest}
 
 
 class _Registry:
@@ -343,7 +368,7 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
 
 
 def _own_version() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return __version__
 

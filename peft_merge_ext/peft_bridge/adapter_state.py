@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MergeInputError
+from ..errors import MergeInputError
 
 __all__ = ["AdapterState", "lora_model_of", "using_adapter"]
 

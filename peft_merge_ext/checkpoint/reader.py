@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint_writer import DTYPE_CODES, TensorSpec
+from ..checkpoint.writer import DTYPE_CODES, TensorSpec
 
 if TYPE_CHECKING:
     import torch

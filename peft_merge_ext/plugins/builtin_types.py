@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .contract import LowRankDelta, ModuleContext
-from .errors import CombinationError, MergeInputError
-from .factor_math import FactoredSpan, karcher_coefficients, slerp_coefficients
-from .hookspecs import hookimpl
+from ..errors import CombinationError, MergeInputError
+from ..lowrank.factor_math import FactoredSpan, karcher_coefficients, slerp_coefficients
+from ..plugins.contract import LowRankDelta, ModuleContext
+from ..plugins.hookspecs import hookimpl
 
 __all__ = ["average", "karcher", "register_combination_types", "resolve_t", "slerp", "weighted"]
 
@@ -190,13 +190,11 @@ def register_combination_types(register: Any) -> None:
         "slerp",
         slerp,
         description="Spherical interpolation of two deltas; t from the weights, a float, a depth schedule or a dict.",
-        options={"t": None},
         validate=_validate_slerp,
     )
     register(
         "karcher",
         karcher,
         description="Weighted Karcher (Riemannian) mean of the delta directions, scaled by the mean norm.",
-        options={"tol": 1e-10, "max_iter": 100},
         validate=_validate_karcher,
     )

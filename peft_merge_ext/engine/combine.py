@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .contract import LowRankDelta, ModuleContext
-from .errors import AdapterCompatibilityError, CombinationError, MergeInputError
-from .factor_math import compress, compute_dtype_for
-from .lora_layers import (
+from ..engine.report import MergeReport, ModuleReport
+from ..errors import AdapterCompatibilityError, CombinationError, MergeInputError
+from ..lowrank.factor_math import compress, compute_dtype_for
+from ..peft_bridge.layers import (
     LoraModuleInfo,
     check_supported,
     factor_device_dtype,
@@ -26,8 +26,8 @@ from .lora_layers import (
     read_factors,
     write_factors,
 )
-from .plugins import CombinationType, check_weights, get_combination_types
-from .report import MergeReport, ModuleReport
+from ..plugins.contract import LowRankDelta, ModuleContext
+from ..plugins.registry import CombinationType, check_weights, get_combination_types
 
 __all__ = [
     "CombinationRequest",

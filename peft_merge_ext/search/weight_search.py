@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._adapter_state import AdapterState, activate, lora_model_of
-from .errors import CombinationError, EvaluationInputError, MergeInputError, UnknownCombinationTypeError
+from ..errors import CombinationError, EvaluationInputError, MergeInputError, UnknownCombinationTypeError
+from ..peft_bridge.adapter_state import AdapterState, activate, lora_model_of
 
 __all__ = ["SearchResult", "Trial", "run_search_cli", "search_weights"]
 
@@ -119,7 +119,7 @@ def _check_initial(initial: Any, bounds: list[tuple[float, float]]) -> list[floa
     count = len(bounds)
     if initial is None:
         return [min(max(1.0 / count, low), high) for low, high in bounds]
-    from .plugins import check_weights
+    from ..plugins.registry import check_weights
 
     values = check_weights(initial, count)
     for value, (low, high) in zip(values, bounds, strict=True):
@@ -150,7 +150,7 @@ class _PluginCandidates:
     """Candidates of a registered (factor-space) type, written into one scratch adapter that is reused."""
 
     def __init__(self, lora_model: Any, adapters: list[str], combination_type: str, svd_rank: Any, options: dict):
-        from .combine import prepare_request
+        from ..engine.combine import prepare_request
 
         self.lora_model, self.adapters, self.combination_type = lora_model, adapters, combination_type
         self.svd_rank, self.options = svd_rank, options
@@ -159,21 +159,21 @@ class _PluginCandidates:
         prepare_request(lora_model.peft_config, adapters, [1.0] * len(adapters), combination_type, svd_rank, options)
 
     def request(self, weights: list[float]) -> Any:
-        from .combine import prepare_request
+        from ..engine.combine import prepare_request
 
         return prepare_request(
             self.lora_model.peft_config, self.adapters, weights, self.combination_type, self.svd_rank, self.options
         )
 
     def build(self, weights: list[float], name: str) -> None:
-        from .combine import add_combined_adapter, combine_adapters
+        from ..engine.combine import add_combined_adapter, combine_adapters
 
         request = self.request(weights)
         if self.created:
             merged, _ = combine_adapters(self.lora_model.model, request)
             slots = [_slot_rank(module.info.module, name) for module in merged]
             if all(slot >= module.delta.rank for slot, module in zip(slots, merged, strict=True)):
-                from .lora_layers import write_factors
+                from ..peft_bridge.layers import write_factors
 
                 for slot, module in zip(slots, merged, strict=True):
                     write_factors(module.info, name, _pad(module.delta, slot), module.dtype)
@@ -188,7 +188,7 @@ class _PluginCandidates:
             self.created = False
 
     def add_final(self, weights: list[float], name: str) -> None:
-        from .combine import add_combined_adapter
+        from ..engine.combine import add_combined_adapter
 
         add_combined_adapter(self.lora_model, name, self.request(weights))
 
@@ -242,7 +242,7 @@ def _pad(delta: Any, rank: int) -> Any:
     """The same product `B @ A` with zero columns / rows appended up to `rank`."""
     import torch
 
-    from .contract import LowRankDelta
+    from ..plugins.contract import LowRankDelta
 
     extra = rank - delta.rank
     if extra == 0:
@@ -405,7 +405,7 @@ def _make_objective(objective: Any, tokenizer: Any, batch_size: int) -> Callable
             "objective must be a callable (model -> float, lower is better) or an eval dataset (a list of texts or "
             f"tokenized examples), got {type(objective).__name__}."
         )
-    from .evaluation import compute_metrics, prepare_examples
+    from ..search.evaluation import compute_metrics, prepare_examples
 
     examples = prepare_examples(objective, tokenizer)
     return lambda model: compute_metrics(model, examples, tokenizer=tokenizer, batch_size=batch_size).loss
@@ -441,7 +441,7 @@ def search_weights(
         adapters (`Sequence[str]`): The adapters to combine.
         objective (`Callable` or `Iterable`): `objective(model) -> float`, lower is better (the model has the
             candidate active and is in eval mode), or a small eval dataset (texts, `{"prompt", "completion"}` or
-            tokenized examples, see `peft_merge_ext.evaluation`) whose mean token loss is minimized.
+            tokenized examples, see `peft_merge_ext.search.evaluation`) whose mean token loss is minimized.
         combination_type (`str`, *optional*, defaults to `"weighted"`): Any registered type or one of PEFT's own.
         budget (`int`, *optional*, defaults to 40): The number of trials, the initial weights included.
         bounds (`(low, high)` or a list of pairs, *optional*): The search box of the weights; `(0, 1)` for every
@@ -468,7 +468,7 @@ def search_weights(
         `UnknownCombinationTypeError`: For a type that is neither registered nor PEFT's.
         `EvaluationInputError`: For an unusable objective.
     """
-    from .plugins import PEFT_COMBINATION_TYPES, get_combination_types
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
 
     lora_model = lora_model_of(model)
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
@@ -683,7 +683,7 @@ def run_search_cli(args: Any) -> int:
         import shutil
         import tempfile
 
-        from .checkpoint_writer import atomic_directory
+        from ..checkpoint.writer import atomic_directory
 
         with atomic_directory(out) as folder, tempfile.TemporaryDirectory(dir=folder) as scratch:
             model.save_pretrained(scratch, selected_adapters=[result.adapter_name])

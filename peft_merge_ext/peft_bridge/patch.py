@@ -1,10 +1,10 @@
 """The drop-in patch of PEFT's `LoraModel.add_weighted_adapter`.
 
-Registered plugin types go to `peft_merge_ext.combine`; PEFT's own types (and anything else PEFT knows) go to the
-original method untouched, with the exact same arguments.
+Registered plugin types go to `peft_merge_ext.engine.combine`; PEFT's own types (and anything else PEFT knows) go to
+the original method untouched, with the exact same arguments.
 
 It also adds `save_merged` / `push_merged` to PEFT's `PeftModel` and transformers' `PreTrainedModel` (thin methods
-that import `peft_merge_ext.merged_model` only when called).
+that import `peft_merge_ext.publish.save` only when called).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import typing
 from typing import Any
 
-from .errors import UnknownCombinationTypeError
+from ..errors import UnknownCombinationTypeError
 
 __all__ = ["attach_methods", "detach_methods", "install", "install_loaded", "is_installed", "uninstall"]
 
@@ -29,7 +29,7 @@ def _lora_model_class() -> type:
 
 
 def _peft_types(original: Any) -> set[str]:
-    from .plugins import PEFT_COMBINATION_TYPES
+    from ..plugins.registry import PEFT_COMBINATION_TYPES
 
     names = set(PEFT_COMBINATION_TYPES)
     annotation = getattr(original, "__annotations__", {}).get("combination_type")
@@ -70,8 +70,8 @@ def _plugin_weighted_adapter(
     majority_sign_method: str = "total",
     **options: Any,
 ) -> None:
-    from .combine import add_combined_adapter, prepare_request
-    from .plugins import PEFT_COMBINATION_TYPES, get_combination_types
+    from ..engine.combine import add_combined_adapter, prepare_request
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
 
     types = get_combination_types()
     if combination_type not in types:
@@ -102,24 +102,24 @@ _METHOD_OWNERS = (("peft.peft_model", "PeftModel"), ("transformers.modeling_util
 
 def save_merged(self: Any, save_directory: Any, **kwargs: Any) -> Any:
     """Write this model with its LoRA adapter(s) merged in (or the combined adapter) to `save_directory`, without
-    modifying the model. See `peft_merge_ext.merged_model.save_merged` for the arguments.
+    modifying the model. See `peft_merge_ext.publish.save.save_merged` for the arguments.
 
     Returns:
         `Path`: The output folder.
     """
-    from .merged_model import save_merged as implementation
+    from ..publish.save import save_merged as implementation
 
     return implementation(self, save_directory, **kwargs)
 
 
 def push_merged(self: Any, repo_id: str, **kwargs: Any) -> str:
     """Merge this model's LoRA adapter(s) (see `save_merged`) and upload the folder to the Hub in one commit. See
-    `peft_merge_ext.merged_model.push_merged` for the arguments.
+    `peft_merge_ext.publish.save.push_merged` for the arguments.
 
     Returns:
         `str`: The commit URL (the pull request URL with `create_pr=True`).
     """
-    from .merged_model import push_merged as implementation
+    from ..publish.save import push_merged as implementation
 
     return implementation(self, repo_id, **kwargs)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import LowRankDelta
+from ..plugins.contract import LowRankDelta
 
 __all__ = [
     "CompressionStats",

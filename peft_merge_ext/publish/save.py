@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint_writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
-from .contract import LowRankDelta
-from .errors import AdapterCompatibilityError, MergeInputError
-from .merge_info import AdapterInfo, MergeInfo
-from .report import MergeReport, ModuleReport
+from ..checkpoint.writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
+from ..engine.merge_info import AdapterInfo, MergeInfo
+from ..engine.report import MergeReport, ModuleReport
+from ..errors import AdapterCompatibilityError, MergeInputError
+from ..plugins.contract import LowRankDelta
 
 __all__ = [
     "CheckpointWeightsSource",
@@ -132,7 +132,7 @@ class _MergedDelta:
 
 
 def _default_weights(weights: Any, count: int) -> list[float]:
-    from .plugins import check_weights
+    from ..plugins.registry import check_weights
 
     return [1.0] * count if weights is None else check_weights(weights, count)
 
@@ -145,7 +145,7 @@ def _plugin_deltas(
     svd_rank: int | None,
     options: dict[str, Any],
 ) -> tuple[list[_MergedDelta], MergeReport]:
-    from .combine import combine_adapters, prepare_request
+    from ..engine.combine import combine_adapters, prepare_request
 
     request = prepare_request(
         target.peft_config, adapters, _default_weights(weights, len(adapters)), combination_type, svd_rank, options
@@ -159,8 +159,8 @@ def _plugin_deltas(
 
 
 def _single_deltas(target: _AdapterModel, adapter: str, weight: float) -> tuple[list[_MergedDelta], MergeReport]:
-    from .combine import check_adapter_configs
-    from .lora_layers import check_supported, factor_device_dtype, find_lora_modules, read_factors
+    from ..engine.combine import check_adapter_configs
+    from ..peft_bridge.layers import check_supported, factor_device_dtype, find_lora_modules, read_factors
 
     check_adapter_configs(target.peft_config, [adapter])
     deltas = []
@@ -232,8 +232,8 @@ def _peft_type_deltas(
     svd_rank: int | None,
     options: dict[str, Any],
 ) -> tuple[list[_MergedDelta], MergeReport]:
-    from .combine import PEFT_ONLY_ARGUMENTS, check_adapter_configs
-    from .lora_layers import factor_device_dtype, find_lora_modules, read_factors
+    from ..engine.combine import PEFT_ONLY_ARGUMENTS, check_adapter_configs
+    from ..peft_bridge.layers import factor_device_dtype, find_lora_modules, read_factors
 
     if target.lora_model is None:
         raise MergeInputError(
@@ -280,7 +280,7 @@ def _merged_deltas(
     svd_rank: int | None,
     options: dict[str, Any],
 ) -> tuple[list[_MergedDelta], MergeReport, str | None]:
-    from .plugins import PEFT_COMBINATION_TYPES, get_combination_types
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
 
     if combination_type is None:
         if options or svd_rank is not None:
@@ -297,7 +297,7 @@ def _merged_deltas(
         return deltas, report, combination_type
     types = get_combination_types()
     if combination_type not in types:
-        from .errors import UnknownCombinationTypeError
+        from ..errors import UnknownCombinationTypeError
 
         raise UnknownCombinationTypeError(
             f"Unknown combination_type {combination_type!r}. PEFT's types: "
@@ -372,7 +372,7 @@ def _factors_onloaded(target: _AdapterModel, adapters: list[str], combination_ty
         return
     from peft.tuners.lora import LoraLayer
 
-    from .plugins import PEFT_COMBINATION_TYPES
+    from ..plugins.registry import PEFT_COMBINATION_TYPES
 
     if combination_type in PEFT_COMBINATION_TYPES:
         raise MergeInputError(
@@ -478,7 +478,7 @@ class MergedWeightsSource:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(key, tensor)` in model order; each merged tensor is computed just before it is yielded, offloaded
         modules are onloaded one at a time."""
-        from .weight_merge import merge_delta_into_weight
+        from ..lowrank.weight_merge import merge_delta_into_weight
 
         group: list[_Entry] = []
         group_root: torch.nn.Module | None = None
@@ -549,7 +549,7 @@ class CheckpointWeightsSource:
                 f"The base checkpoint folder {folder.name!r} has no safetensors weights; point base_checkpoint at the "
                 "folder of the full-precision base model in safetensors format."
             )
-        from .checkpoint_reader import read_tensor_specs
+        from ..checkpoint.reader import read_tensor_specs
 
         # Stored tensors in storage order (file by file, each front to back), so the checkpoint is read sequentially.
         stored: dict[str, TensorSpec] = {}
@@ -590,8 +590,8 @@ class CheckpointWeightsSource:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(key, tensor)` in storage order of the checkpoint, merged where an adapter touches the weight."""
-        from .checkpoint_reader import read_tensor
-        from .weight_merge import merge_delta_into_weight
+        from ..checkpoint.reader import read_tensor
+        from ..lowrank.weight_merge import merge_delta_into_weight
 
         for key, (file_name, stored_key) in self.reads.items():
             tensor = read_tensor(self.folder / file_name, stored_key)
@@ -677,7 +677,7 @@ def _checkpoint_for_quantized(base: torch.nn.Module, base_checkpoint: str | os.P
 def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .._version import __version__
 
     versions = {"peft-merge-ext": __version__}
     for name in ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate"):
@@ -689,7 +689,7 @@ def _library_versions() -> dict[str, str]:
 def adapter_sha256(base: torch.nn.Module, adapter: str) -> str:
     """SHA-256 of an adapter's LoRA tensors: for each module in model order, its name, then A's and B's dtype, shape
     and bytes."""
-    from .lora_layers import find_lora_modules
+    from ..peft_bridge.layers import find_lora_modules
 
     digest = hashlib.sha256()
     for info in find_lora_modules(base, [adapter]):
@@ -806,8 +806,8 @@ def _write_adapter(
 ) -> None:
     from safetensors.torch import save_file
 
-    from .combine import MergedModule, _new_adapter_config
-    from .lora_layers import LoraModuleInfo
+    from ..engine.combine import MergedModule, _new_adapter_config
+    from ..peft_bridge.layers import LoraModuleInfo
 
     merged = [MergedModule(LoraModuleInfo(d.name, d.module, d.kind, d.layer_index), d.delta, d.dtype) for d in deltas]
     config = _new_adapter_config(target.peft_config[adapters[0]], merged)
@@ -894,7 +894,7 @@ def save_merged(
     with atomic_directory(destination, overwrite=overwrite) as folder:
         _write(plan, folder, max_shard_size)
         info = plan.merge_info(eval_results)
-        from .model_card import write_model_card
+        from ..publish.card import write_model_card
 
         write_model_card(
             info,
@@ -1110,7 +1110,7 @@ def push_merged(
     Raises:
         `HubUploadError`: When the upload fails; the message names the local folder to retry with.
     """
-    from .hub import upload_folder
+    from ..publish.hub import upload_folder
 
     keep = local_dir is not None
     folder = Path(local_dir) if local_dir is not None else None
