@@ -222,7 +222,7 @@ def reference_for(method: str, deltas: list[torch.Tensor], weights: list[float],
 
 def run(args: argparse.Namespace) -> list[Row]:
     import peft_merge_ext
-    from peft_merge_ext.engine.combine import prepare_request
+    from peft_merge_ext.engine.request import resolve_request as prepare_request
 
     adapters = [f"task{i}" for i in range(args.adapters)]
     weights = [round(1.0 / args.adapters + 0.05 * (i - (args.adapters - 1) / 2), 4) for i in range(args.adapters)]

@@ -82,7 +82,7 @@ _LAZY = {
     "plan_checkpoint_merge": "publish.merge_checkpoint",
     "Recipe": "recipe",
     "load_recipe": "recipe",
-    "run_recipe": "recipe",
+    "run_recipe": "cli.recipe_runner",
     "LoRAMerger": "lora_merger",
     "search_weights": "search.weight_search",
     "SearchResult": "search.weight_search",
@@ -101,6 +101,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .cli.recipe_runner import run_recipe
     from .engine.merge_info import AdapterInfo, MergeInfo
     from .engine.report import MergeReport, get_merge_report
     from .errors import (
@@ -124,7 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .publish.hub import upload_folder
     from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
     from .publish.save import push_merged, save_merged
-    from .recipe import Recipe, RecipeError, load_recipe, run_recipe
+    from .recipe import Recipe, RecipeError, load_recipe
     from .search.evaluation import evaluate
     from .search.weight_search import SearchResult, search_weights
 

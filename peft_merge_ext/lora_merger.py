@@ -33,43 +33,21 @@ def _lora_model(model: Any) -> Any:
 
 def _merged_weights(model: Any, adapters: Sequence[str], weights: Any, method: str | None, **options: Any) -> dict:
     """Weight key -> (base layer, merged weight) of every module the adapters touch; the model is not modified."""
-    import torch
-
-    from .engine.combine import combine_adapters, prepare_request
+    from .engine.request import resolve_request
     from .lowrank.weight_merge import merge_delta_into_weight
-    from .peft_bridge.layers import check_supported, find_lora_modules, read_factors
+    from .peft_bridge.source import merge_live, resolve_model
 
-    lora_model = _lora_model(model)
+    source = resolve_model(model)
     svd_rank = options.pop("svd_rank", None)
-    adapters = list(adapters)
-    if method is None and len(adapters) > 1:
-        method = "weighted"  # what PEFT computes with several active adapters
-    if method is None:
-        if options or svd_rank is not None:
-            raise MergeInputError("Options and svd_rank need a method; pass method='weighted' for one adapter.")
-        from .engine.combine import check_adapter_configs
-        from .plugins.registry import check_weights
-
-        check_adapter_configs(lora_model.peft_config, adapters)
-        weight = check_weights([1.0] if weights is None else weights, 1)[0]
-        entries = []
-        for info in find_lora_modules(lora_model.model, adapters):
-            check_supported(info, adapters[0])
-            delta = read_factors(info, adapters[0], torch.float32)  # as save_merged and merge_checkpoint do
-            if weight != 1.0:
-                delta = type(delta)(delta.B * weight, delta.A)
-            entries.append((info, delta))
-    else:
-        if weights is None:
-            weights = [1.0] * len(adapters)
-        request = prepare_request(lora_model.peft_config, adapters, weights, method, svd_rank, options)
-        merged, _ = combine_adapters(lora_model.model, request)
-        entries = [(module.info, module.delta) for module in merged]
+    request = resolve_request(source.configs, adapters, weights, method, svd_rank, options)
+    merged, _ = merge_live(source, request)
     result = {}
-    for info, delta in entries:
-        base_layer = info.module.get_base_layer()
-        transpose = info.kind == "embedding" or bool(getattr(info.module, "fan_in_fan_out", False))
-        result[f"{info.name}.weight"] = (base_layer, merge_delta_into_weight(base_layer.weight.data, delta, transpose))
+    for item in merged:
+        base_layer = item.module.handle.get_base_layer()
+        result[item.weight_key] = (
+            base_layer,
+            merge_delta_into_weight(base_layer.weight.data, item.delta, item.module.transpose),
+        )
     return result
 
 
@@ -123,25 +101,12 @@ class LoRAMerger:
         self.names = [f"adapter_{index}" for index in range(len(self.adapters))]
 
     def _load(self) -> Any:
-        import transformers
-        from peft import PeftModel
+        from .peft_bridge.loading import load_peft_model
 
-        from .publish.merge_checkpoint import parse_dtype
-
-        config = transformers.AutoConfig.from_pretrained(self.base_model)
-        architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        model_class = model_class or transformers.AutoModelForCausalLM
-        kwargs: dict[str, Any] = {}
-        if self.device_map is not None:
-            kwargs["device_map"] = self.device_map
-        if self.dtype is not None:
-            kwargs["dtype"] = parse_dtype(self.dtype)
-        model = model_class.from_pretrained(self.base_model, **kwargs)
-        peft_model = PeftModel.from_pretrained(model, self.adapters[0], adapter_name=self.names[0])
-        for name, adapter in zip(self.names[1:], self.adapters[1:], strict=True):
-            peft_model.load_adapter(adapter, adapter_name=name)
-        return peft_model
+        model, self.names = load_peft_model(
+            self.base_model, self.adapters, device_map=self.device_map, dtype=self.dtype
+        )
+        return model
 
     def merge(self, method: str | None = "average", weights: Sequence[float] | None = None, **options: Any) -> Any:
         """Combine the adapters and merge them into the base model.
@@ -158,11 +123,9 @@ class LoRAMerger:
         from .plugins.registry import get_combination_types
 
         if method is not None and method not in get_combination_types():
-            from .errors import UnknownCombinationTypeError
+            from .engine.request import unknown_type_error
 
-            raise UnknownCombinationTypeError(
-                f"Unknown method {method!r}; available: {', '.join(sorted(get_combination_types()))}."
-            )
+            raise unknown_type_error(method, peft_types_allowed=False)
         peft_model = self._load()
         self.merged_model = merge_into_base(peft_model, self.names, weights, method, **dict(options))
         self.method, self.weights, self.options = method, None if weights is None else list(weights), dict(options)
@@ -183,19 +146,24 @@ class LoRAMerger:
         Returns:
             `str`: The commit (or pull request) URL.
         """
-        from .publish.hub import upload_folder
+        import shutil
+
+        from .publish.hub import check_hub_access, upload_files
         from .publish.merge_checkpoint import merge_checkpoint
 
-        upload_keys = ("private", "revision", "create_pr", "commit_message", "commit_description")
+        upload_keys = ("private", "revision", "create_pr")
         upload_options = {key: kwargs.pop(key) for key in upload_keys if key in kwargs}
+        message_options = {key: kwargs.pop(key) for key in ("commit_message", "commit_description") if key in kwargs}
         local_dir = kwargs.pop("local_dir", None)
         checkpoint_options = {key: kwargs.pop(key) for key in ("dtype", "max_shard_size") if key in kwargs}
         if kwargs:
             raise MergeInputError(f"Unknown push_to_hub argument(s): {', '.join(sorted(kwargs))}.")
+        target = check_hub_access(repo_id, token=token, **upload_options)  # before the long work
         method = self.method if self.merged_model is not None else "average"
-        with tempfile.TemporaryDirectory(prefix="peft-merge-ext-push-") as scratch:
-            folder = Path(local_dir) if local_dir is not None else Path(scratch) / "merged"
-            merge_checkpoint(
+        parent = None if local_dir is not None else Path(tempfile.mkdtemp(prefix="peft-merge-ext-push-"))
+        folder = Path(local_dir) if local_dir is not None else parent / "merged"
+        try:
+            result = merge_checkpoint(
                 self.base_model,
                 self.adapters,
                 out=folder,
@@ -206,4 +174,18 @@ class LoRAMerger:
                 **checkpoint_options,
                 **self.options,
             )
-            return upload_folder(folder, repo_id, token=token, **upload_options)
+        except BaseException:
+            if parent is not None:
+                shutil.rmtree(parent, ignore_errors=True)
+            raise
+        # A failed upload keeps the folder (the error names it and how to retry); a successful one removes ours.
+        url = upload_files(
+            folder,
+            result.files,
+            target,
+            commit_message=message_options.get("commit_message") or "Upload merged model with peft-merge-ext",
+            commit_description=message_options.get("commit_description"),
+        )
+        if parent is not None:
+            shutil.rmtree(parent, ignore_errors=True)
+        return url

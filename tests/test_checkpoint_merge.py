@@ -230,7 +230,7 @@ def test_missing_target_and_other_architecture_are_errors(llama_files, tmp_path)
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"combination_type": "nope"}, UnknownCombinationTypeError, "registered types"),
+        ({"combination_type": "nope"}, UnknownCombinationTypeError, "Registered types"),
         ({"combination_type": "ties"}, UnknownCombinationTypeError, "PEFT's own types"),
         ({"combination_type": "slerp", "bogus": 1}, MergeInputError, "Unknown option"),
         ({"combination_type": "weighted", "weights": [1.0]}, MergeInputError, "weight"),
@@ -253,8 +253,14 @@ def test_existing_output_folder_is_kept(llama_files, tmp_path):
     with pytest.raises(MergeInputError, match="already exists"):
         merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True)
     assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
-    merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True, overwrite=True)
-    assert not (tmp_path / "merged" / "keep.txt").exists()
+    # --overwrite replaces only what peft-merge-ext wrote: a folder of the user's is never deleted.
+    with pytest.raises(MergeInputError, match="not written by peft-merge-ext"):
+        merge_checkpoint(base, [folders["a"]], out=tmp_path / "merged", quiet=True, overwrite=True)
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+    merge_checkpoint(base, [folders["a"]], out=tmp_path / "ours", quiet=True)
+    first = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    merge_checkpoint(base, [folders["a"]], out=tmp_path / "ours", quiet=True, overwrite=True, weights=[0.5])
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() != first
 
 
 def test_failure_while_streaming_leaves_no_output(llama_files, tmp_path, monkeypatch):
@@ -467,7 +473,7 @@ def test_light_config_knows_peft_lora_variants_and_defaults():
 def test_check_adapter_configs_tests_the_peft_type():
     from peft import AdaLoraConfig
 
-    from peft_merge_ext.engine.combine import check_adapter_configs
+    from peft_merge_ext.engine.request import check_adapter_configs
 
     configs = {
         "peft": LoraConfig(r=2, target_modules=["q_proj"]),

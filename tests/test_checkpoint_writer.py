@@ -332,13 +332,22 @@ def test_tensors_on_the_gpu_are_written(tmp_path):
     assert torch.equal(read_tensor(tmp_path / "model.safetensors", "g"), tensor.cpu())
 
 
+def _live_merged(model, adapters):
+    """The merged modules of `adapters` on a live model, through the pipeline's own steps."""
+    from peft_merge_ext.engine.request import resolve_request
+    from peft_merge_ext.peft_bridge.source import merge_live, resolve_model
+
+    source = resolve_model(model)
+    merged, _ = merge_live(source, resolve_request(source.configs, adapters))
+    return source, merged
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_merged_weights_source_plans_exactly_what_it_yields(dtype):
-    from peft_merge_ext.publish.save import MergedWeightsSource, _merged_deltas, _resolve_model
+    from peft_merge_ext.peft_bridge.weights import MergedWeightsSource
 
     model = add_lora(tiny_gpt2(), "a", seed=3, r=4, target_modules=["c_attn"], fan_in_fan_out=True)
-    target = _resolve_model(model)
-    deltas, _, _ = _merged_deltas(target, ["a"], None, None, None, {})
+    target, deltas = _live_merged(model, ["a"])
     source = MergedWeightsSource(target.base, deltas, dtype)
     yielded = [(key, tuple(t.shape), t.dtype) for key, t in source.tensors()]
     assert [(s.name, s.shape, s.dtype) for s in source.specs()] == yielded
@@ -346,18 +355,27 @@ def test_merged_weights_source_plans_exactly_what_it_yields(dtype):
     assert {d for _, _, d in yielded} == {dtype or torch.float32}
 
 
-def test_checkpoint_weights_source_plans_from_headers(tmp_path):
-    from peft_merge_ext.publish.save import CheckpointWeightsSource, _merged_deltas, _resolve_model
+def _checkpoint_items(folder, merged, dtype, tied):
+    from peft_merge_ext.checkpoint.base_checkpoint import BaseCheckpoint, CopyFromFile
 
+    checkpoint = BaseCheckpoint(folder)
+    checkpoint.untie(tied, {m.weight_key for m in merged})
+    by_key = {m.weight_key: m for m in merged}
+    transpose = {key: m.module.transpose for key, m in by_key.items()}
+    items = list(checkpoint.merged_items(lambda key: by_key[key].delta, transpose, dtype))
+    return checkpoint, [(spec, item) for spec, item in items if not isinstance(item, CopyFromFile)], items
+
+
+def test_checkpoint_weights_source_plans_from_headers(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "base", max_shard_size="40KB")
     assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
     model = add_lora(tiny_gpt2(), "a", seed=8, r=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True)
-    target = _resolve_model(model)
-    deltas, _, _ = _merged_deltas(target, ["a"], None, None, None, {})
+    target, deltas = _live_merged(model, ["a"])
     tied = dict(target.base.all_tied_weights_keys)
-    source = CheckpointWeightsSource(tmp_path / "base", deltas, torch.float16, tied)
-    yielded = [(key, tuple(t.shape), t.dtype) for key, t in source.tensors()]
-    assert [(s.name, s.shape, s.dtype) for s in source.specs()] == yielded
+    checkpoint, tensors, items = _checkpoint_items(tmp_path / "base", deltas, torch.float16, tied)
+    yielded = [(spec.name, tuple(t.shape), t.dtype) for spec, t in tensors]
+    assert [(s.name, s.shape, s.dtype) for s, _ in tensors] == yielded
+    assert [s.name for s, _ in items] == [s.name for s in checkpoint.specs(torch.float16)]
     assert "lm_head.weight" in {key for key, _, _ in yielded}  # untied: the adapter changes wte only
 
 
@@ -368,18 +386,17 @@ def _storage_order(folder: Path) -> list[tuple[str, str]]:
 
 def test_checkpoint_weights_source_reads_the_checkpoint_front_to_back(tmp_path, monkeypatch):
     import peft_merge_ext.checkpoint.reader as reader
-    from peft_merge_ext.publish.save import CheckpointWeightsSource, _merged_deltas, _resolve_model
 
     tiny_llama().save_pretrained(tmp_path / "base", max_shard_size="30KB")
     model = add_lora(tiny_llama(), "a", seed=1, r=2, target_modules=["q_proj"])
-    target = _resolve_model(model)
-    deltas, _, _ = _merged_deltas(target, ["a"], None, None, None, {})
-    source = CheckpointWeightsSource(tmp_path / "base", deltas, None, {})
+    _, deltas = _live_merged(model, ["a"])
     reads, original = [], reader.read_tensor
     monkeypatch.setattr(
         reader, "read_tensor", lambda path, name: reads.append((Path(path).name, name)) or original(path, name)
     )
-    assert [key for key, _ in source.tensors()] == [s.name for s in source.specs()]
+    # float16 output: every tensor changes dtype, so every one is read (none copied file to file), in storage order.
+    checkpoint, _, items = _checkpoint_items(tmp_path / "base", deltas, torch.float16, {})
+    assert [spec.name for spec, _ in items] == [s.name for s in checkpoint.specs(None)]
     assert len(_storage_order(tmp_path / "base")) > 10 and reads == _storage_order(tmp_path / "base")
 
 
@@ -416,6 +433,7 @@ def test_merge_checkpoint_reads_the_base_front_to_back(tmp_path, monkeypatch):
         name for name in kinds if name.endswith(("q_proj.weight", "down_proj.weight"))
     }
     assert sum(kind == "copy" for kind in kinds.values()) > 10
-    assert len(result.files) > 2 and sorted(os.listdir(tmp_path / "out")) == sorted(
-        [*result.files, "README.md", "config.json", "generation_config.json"]
+    assert {"README.md", "config.json", "generation_config.json"} <= set(result.files)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        [*result.files, ".peft-merge-ext.json", ".peft-merge-ext-files.json"]
     )

@@ -51,7 +51,7 @@ def test_console_script_reports_bad_input_in_one_line_with_exit_code_2(tmp_path)
     )
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
-    assert completed.stderr.count("\n") == 1 and "nowhere" in completed.stderr
+    assert completed.stderr.count("\n") == 1 and "'x'" in completed.stderr
 
 
 def test_plugins_text_and_json(capsys):
@@ -114,7 +114,7 @@ def test_dry_run_lists_validation_problems_with_exit_code_2(files, tmp_path, cap
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "nope"], "Unknown combination type 'nope'"),
+        (["--method", "nope"], "Unknown combination_type 'nope'"),
         (["--method", "weighted", "--weights", "1"], "1 weight(s) for 2 adapter(s)"),
         (["--method", "slerp", "--option", "t"], "KEY=VALUE"),
         (["--method", "slerp", "--option", "colour=3"], "Unknown option"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -98,8 +97,36 @@ def test_failed_upload_keeps_local_copy_and_retry_reuses_it(llama_two_adapters, 
     assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
 
 
-def test_unauthorized_push_keeps_local_dir(llama_two_adapters, hub_server, tmp_path):
+def test_unauthorized_push_fails_before_merging(llama_two_adapters, hub_server, tmp_path):
+    """A bad token is found by the pre-flight check: nothing is merged or written, no temporary folder is left."""
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("peft-merge-ext-push-*"))
     with pytest.raises(HubUploadError):
         llama_two_adapters.push_merged("test-user/merged", token="hf_invalid", local_dir=tmp_path / "kept")
-    assert (tmp_path / "kept" / "config.json").is_file()
-    assert io.BytesIO((tmp_path / "kept" / "README.md").read_bytes()).read(3) == b"---"
+    assert not (tmp_path / "kept").exists()
+    with pytest.raises(HubUploadError):
+        llama_two_adapters.push_merged("test-user/merged", token="hf_invalid")
+    assert set(Path(tempfile.gettempdir()).glob("peft-merge-ext-push-*")) == before
+    with pytest.raises(KeyError):  # not even the repository was created
+        hub_server.state.repo("test-user/merged")
+
+
+def test_local_dir_with_foreign_files_is_refused(llama_two_adapters, hub_server, tmp_path):
+    """Only the files the merge wrote are uploaded: a local_dir holding anything else is refused before merging."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / ".env").write_text("SECRET=1")
+    (folder / "README.md").write_text("---\n---\nmine")
+    with pytest.raises(Exception, match="not an earlier output of this same merge"):
+        llama_two_adapters.push_merged("test-user/merged", token=hub_server.token, local_dir=folder)
+    assert (folder / ".env").read_text() == "SECRET=1"
+    # An earlier push's folder of a different merge is refused too (its files would not be this merge's).
+    model = llama_two_adapters
+    model.push_merged("test-user/merged", token=hub_server.token, local_dir=tmp_path / "first")
+    with pytest.raises(Exception, match="not an earlier output of this same merge"):
+        model.push_merged("test-user/merged", token=hub_server.token, local_dir=tmp_path / "first", adapters=["b"])
+    uploaded = set(hub_server.state.repo("test-user/merged").files("main"))
+    assert not any(name.startswith((".peft-merge-ext", ".env")) for name in uploaded), uploaded
+    assert "README.md" in uploaded and "model.safetensors" in uploaded

@@ -13,7 +13,15 @@ from conftest import add_lora, tiny_llama
 from safetensors.torch import load_file
 
 from peft_merge_ext.cli import main
-from peft_merge_ext.recipe import AdapterEntry, PushTarget, Recipe, RecipeError, load_recipe, recipe_from_merge_info
+from peft_merge_ext.recipe import (
+    AdapterEntry,
+    PushTarget,
+    Recipe,
+    RecipeError,
+    RecipeStep,
+    load_recipe,
+    recipe_from_merge_info,
+)
 
 DOCUMENTED = """
 base: org/base-model            # Hub id or local folder
@@ -34,8 +42,7 @@ push: {repo_id: user/name, private: false}   # optional
 
 def test_documented_recipe_loads():
     recipe = load_recipe(DOCUMENTED)
-    assert recipe == Recipe(
-        base="org/base-model",
+    step = RecipeStep(
         adapters=[AdapterEntry("org/adapter-a", 0.6), AdapterEntry("./adapter-b", 0.4)],
         method="slerp",
         options={"t": [0.2, 0.8]},
@@ -43,13 +50,12 @@ def test_documented_recipe_loads():
         dtype="bfloat16",
         merge_into_base=True,
         output="./merged",
-        push=PushTarget("user/name", False),
     )
+    assert recipe == Recipe(base="org/base-model", steps=[step], push=PushTarget("user/name", False))
 
 
 def test_round_trip_through_yaml_and_a_file(tmp_path):
-    recipe = Recipe(
-        base="./base",
+    step = RecipeStep(
         adapters=[AdapterEntry("a", 1.0), AdapterEntry("b", -0.5)],
         method="karcher",
         options={"tol": 1e-8, "max_iter": 20},
@@ -57,7 +63,10 @@ def test_round_trip_through_yaml_and_a_file(tmp_path):
         dtype="float16",
         output="out",
     )
+    recipe = Recipe(base="./base", steps=[step])
     assert load_recipe(recipe.to_yaml()) == recipe
+    two = Recipe(base="./base", steps=[RecipeStep([AdapterEntry("x")], merge_into_base=False, output="s/x"), step])
+    assert load_recipe(two.to_yaml()) == two and "steps:" in two.to_yaml()
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe.to_yaml())
     loaded = load_recipe(path)
@@ -166,7 +175,9 @@ def test_local_folders_are_resolved_next_to_the_recipe(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["run", str(tmp_path / "project" / "recipe.yaml"), "--quiet"]) == 0
-    assert (elsewhere / "out" / "model.safetensors").is_file()
+    # Every relative path, the output included, is relative to the recipe file, wherever the command runs.
+    assert (tmp_path / "project" / "out" / "model.safetensors").is_file()
+    assert not (elsewhere / "out").exists()
 
 
 def test_placeholder_base_is_refused_with_a_clear_message(capsys, tmp_path):
@@ -181,7 +192,9 @@ def test_run_dry_run_prints_the_plan(tmp_path, capsys, monkeypatch):
     model = add_lora(base, "a", seed=1, r=2, target_modules=["q_proj", "v_proj"])
     model.save_pretrained(tmp_path / "adapters")
     (tmp_path / "recipe.yaml").write_text(
-        Recipe(base="base", adapters=[AdapterEntry("adapters/a", 0.5)], method="weighted", dtype="bf16").to_yaml()
+        Recipe(
+            base="base", steps=[RecipeStep([AdapterEntry("adapters/a", 0.5)], method="weighted", dtype="bf16")]
+        ).to_yaml()
     )
     monkeypatch.chdir(tmp_path)
     assert main(["run", "recipe.yaml", "--dry-run"]) == 0

@@ -136,7 +136,14 @@ def test_adapter_only_mode_reloads_with_peft(llama_peft, tmp_path):
     folder = llama_peft.save_merged(
         tmp_path / "adapter", adapters=["a", "b"], combination_type="weighted", merge_into_base=False
     )
-    assert {p.name for p in folder.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert {p.name for p in folder.iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "peft_merge_ext_lineage.json",  # how it was made (PEFT ignores it)
+        ".peft-merge-ext.json",  # the marker: written by peft-merge-ext
+        ".peft-merge-ext-files.json",  # what the merge wrote (what an upload sends)
+    }
     reloaded = PeftModel.from_pretrained(tiny_llama(), folder).eval()
     torch.testing.assert_close(_peft_logits(reloaded), expected, rtol=1e-5, atol=1e-5)
     assert "library_name: peft" in (folder / "README.md").read_text()
@@ -310,7 +317,7 @@ def test_failure_midway_leaves_no_folder_and_model_unchanged(llama_peft, tmp_pat
         ({"adapters": ["a", "b"], "combination_type": "slerp", "bogus": 1}, "Unknown option"),
         ({"dtype": "int8"}, "dtype"),
         ({"max_shard_size": "lots"}, "max_shard_size"),
-        ({"t": 0.3}, "need a combination_type"),
+        ({"t": 0.3}, "belong to a combination type"),
         ({"tags": "merge"}, "tags"),
         ({"eval_results": [{"metric_value": 1.0}]}, "eval_results"),
         ({"adapters": ["a", "b"], "combination_type": "ties", "t": 0.3}, "Unknown option"),
@@ -331,8 +338,12 @@ def test_existing_folder_needs_overwrite(llama_peft, tmp_path):
     with pytest.raises(MergeInputError, match="overwrite=True"):
         llama_peft.save_merged(tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").is_file()
-    llama_peft.save_merged(tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(MergeInputError, match="not written by peft-merge-ext"):  # overwrite never deletes user files
+        llama_peft.save_merged(tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").is_file()
+    llama_peft.save_merged(tmp_path / "ours")
+    llama_peft.save_merged(tmp_path / "ours", overwrite=True, dtype="bf16")  # dtype names work in memory too
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_meta_weights_without_offload_hook_are_refused(tmp_path):

@@ -330,7 +330,7 @@ def _load_config(folder: Path, source: str) -> LoraAdapterConfig:
 
 
 def _check_config(config: LoraAdapterConfig, name: str) -> None:
-    from ..engine.combine import check_adapter_configs
+    from ..engine.request import check_adapter_configs
 
     check_adapter_configs({name: config}, [name])
     for variant in LORA_VARIANT_FIELDS:
@@ -364,14 +364,18 @@ def _weights_path(folder: Path, source: str, allow_pickle: bool) -> Path:
 
 
 def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], Callable[[str], torch.Tensor]]:
-    """Name -> (shape, dtype) of every tensor, and a function reading one tensor (safetensors: on demand)."""
+    """Name -> (shape, dtype) of every tensor, and a function reading one tensor (safetensors: on demand).
+
+    A safetensors file goes through `reader.read_header`, which checks the whole header against the file before any
+    tensor is read and raises one `MergeInputError` naming the file when it is damaged or hostile.
+    """
     if path.suffix == ".bin":
         state = torch.load(path, map_location="cpu", weights_only=True)
         tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
         return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, tensors.__getitem__
-    from ..checkpoint.reader import read_tensor, read_tensor_specs
+    from ..checkpoint.reader import read_header, read_tensor
 
-    specs = {spec.name: (spec.shape, spec.dtype) for spec in read_tensor_specs(path)}
+    specs = {name: (entry.shape, entry.dtype) for name, entry in read_header(path).tensors.items()}
     return specs, lambda key: read_tensor(path, key)
 
 

@@ -7,23 +7,22 @@ temporary file and never copies bytes it already wrote, whatever `max_shard_size
 planned tensor arrived and writes the index (`model-0000x-of-0000N.safetensors` + `model.safetensors.index.json`, or a
 single `model.safetensors`), the layout transformers' `save_pretrained` produces and `from_pretrained` loads.
 
-`atomic_directory` builds a folder under a temporary name next to its destination and renames it into place only when
-the block finishes without error. Reading tensors back one at a time is `checkpoint_reader`'s job.
+Output folders (`output_folder`, and `atomic_directory` re-exported here for current callers) belong to
+`output_folder.py`. Reading tensors back one at a time is `checkpoint_reader`'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .output_folder import atomic_directory  # moved there; re-exported for current callers
 
 if TYPE_CHECKING:
     import torch
@@ -556,35 +555,3 @@ def _write_at(fd: int, data: memoryview, offset: int) -> None:
         if step <= 0:
             raise OSError(f"Could not write at offset {offset + written} (wrote {step} bytes).")
         written += step
-
-
-@contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `destination` and rename it to `destination` when the block succeeds.
-
-    On error the temporary folder is removed and `destination` is left as it was. With `overwrite=True` an existing
-    `destination` is replaced (moved aside first, deleted only after the new folder is in place).
-
-    Raises:
-        `FileExistsError`: When `destination` exists, is not empty and `overwrite` is `False`.
-    """
-    destination = Path(destination).absolute()
-    if destination.exists() and any(destination.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output folder {destination} already exists and is not empty; choose another folder or pass "
-            "overwrite=True."
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    old = None
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, old)
-    os.replace(temporary, destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,189 +1,131 @@
-"""The merge engine: validates a combination request, computes every module's merged factors, then creates the
-new adapter in one step (or leaves the model untouched when anything fails)."""
+"""Combine: the one place a combination function is called, for every entry point.
+
+A factor source (a live PEFT model, `peft_bridge.source`, or adapter folders, `checkpoint.adapter_files`) lists the
+modules to merge as `FactorModule`s; `combine_module` reads each adapter's canonical factors there (zeros where an
+adapter does not touch the module), checks them, and produces the module's merged factors: the single adapter as it
+is (times its weight) when no method was asked for, or the plugin type's result, checked and bounded to `svd_rank`.
+`ReportBuilder` gathers the per-module statistics into the `MergeReport`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..engine.report import MergeReport, ModuleReport
-from ..errors import AdapterCompatibilityError, CombinationError, MergeInputError
+from ..errors import CombinationError, MergeInputError
 from ..lowrank.factor_math import compress, compute_dtype_for
-from ..peft_bridge.layers import (
-    LoraModuleInfo,
-    check_supported,
-    factor_device_dtype,
-    find_lora_modules,
-    in_out_features,
-    read_factors,
-    write_factors,
-)
 from ..plugins.contract import LowRankDelta, ModuleContext
-from ..plugins.registry import CombinationType, check_weights, get_combination_types
+from .report import MergeReport, ModuleReport
+from .request import MergeRequest
 
-__all__ = [
-    "CombinationRequest",
-    "MergedModule",
-    "add_combined_adapter",
-    "combine_adapters",
-    "combine_factors",
-    "prepare_request",
-]
+__all__ = ["FactorModule", "MergedModule", "ReportBuilder", "combine_factors", "combine_module", "num_layers", "plain"]
 
-# PEFT keyword arguments that only PEFT's own types use, with their defaults.
-PEFT_ONLY_ARGUMENTS = {
-    "svd_clamp": None,
-    "svd_full_matrices": True,
-    "svd_driver": None,
-    "density": None,
-    "majority_sign_method": "total",
-}
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
 @dataclass
-class CombinationRequest:
-    """A validated request: which adapters, weights, type, options and output rank bound."""
+class FactorModule:
+    """One module whose LoRA factors a source can read.
 
-    adapters: list[str]
-    weights: list[float]
-    combination: CombinationType
-    options: dict[str, Any]
-    svd_rank: int | None = None
+    Args:
+        name (`str`): The module's name in the base model.
+        kind (`str`): `"linear"` (also GPT-2 `Conv1D`), `"embedding"` or `"conv"`.
+        shape (`tuple[int, int]`): `(out, in)` of the canonical delta.
+        read (`Callable[[str], LowRankDelta | None]`): Adapter name -> its canonical factors (scaling folded into
+            `B`) in the compute dtype, fresh tensors the caller may modify; `None` when the adapter is absent here.
+        device (`torch.device`): Where the factors are read to and combined.
+        storage_dtype (`torch.dtype`): The dtype the factors are stored in (a combined adapter is saved in it).
+        transpose (`bool`): Whether the base weight is stored `in x out` (GPT-2 `Conv1D`, embeddings).
+        handle (`Any`): What the source needs to find the module again (the PEFT layer, for a live model).
+        kernel (`tuple[int, ...]`): The conv kernel size, `()` for other kinds.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    read: Callable[[str], LowRankDelta | None]
+    device: torch.device
+    storage_dtype: torch.dtype
+    transpose: bool = False
+    handle: Any = None
+    kernel: tuple[int, ...] = ()
+
+    @property
+    def layer_index(self) -> int | None:
+        """The first number in the dotted name (the block index), if any."""
+        match = _LAYER_INDEX.search(self.name)
+        return int(match.group(1)) if match else None
 
 
 @dataclass
 class MergedModule:
-    """The merged factors of one module, in canonical orientation with scaling 1."""
+    """A module's merged factors (canonical, scaling folded in), ready to be added to its base weight or saved."""
 
-    info: LoraModuleInfo
+    module: FactorModule
     delta: LowRankDelta
-    dtype: torch.dtype
-    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight_key(self) -> str:
+        """The key of the base weight the delta applies to."""
+        return f"{self.module.name}.weight"
 
 
-def check_adapter_configs(peft_config: Mapping[str, Any], adapters: Sequence[str]) -> None:
-    """Refuse adapters whose config has features the combination contract cannot represent.
-
-    A LoRA config is recognised by `peft_type == "LORA"` (PEFT's `PeftType` is a `str` enum), which holds for
-    `peft.LoraConfig` and for the configs `adapter_files` parses without importing PEFT, and not for AdaLoRA and the
-    other PEFT types (including `LoraConfig` subclasses such as `AdaLoraConfig`).
-    """
-    for adapter in adapters:
-        config = peft_config[adapter]
-        if getattr(config, "peft_type", None) != "LORA":
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only "
-                "LoRA adapters can be combined."
-            )
-        if getattr(config, "use_dora", False):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} uses DoRA (use_dora=True): its update is not B @ A and cannot be combined "
-                "exactly. Merge it into the base on its own, or retrain it as plain LoRA."
-            )
-        if getattr(config, "lora_bias", False):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} has lora_bias=True: its bias update cannot be expressed as low-rank factors."
-            )
-        if getattr(config, "target_parameters", None):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} targets nn.Parameter (target_parameters); those cannot be combined."
-            )
-        if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} also trains full modules (modules_to_save / trainable_token_indices): those are "
-                "dense copies, not LoRA factors, and would be silently dropped. Combine adapters without them."
-            )
-
-
-def prepare_request(
-    peft_config: Mapping[str, Any],
-    adapters: Any,
-    weights: Any,
-    combination_type: str,
-    svd_rank: Any = None,
-    options: Mapping[str, Any] | None = None,
-    peft_arguments: Mapping[str, Any] | None = None,
-) -> CombinationRequest:
-    """Validate everything about a combination request before any work is done.
-
-    Raises:
-        `MergeInputError`: For unknown adapters, bad weights, unknown options or PEFT-only arguments.
-        `AdapterCompatibilityError`: For adapters the contract cannot represent.
-    """
-    types = get_combination_types()
-    combination = types[combination_type]
-    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
-        raise MergeInputError(f"adapters must be a non-empty list of adapter names, got {adapters!r}.")
-    adapters = list(adapters)
-    duplicates = [name for name, count in Counter(adapters).items() if count > 1]
-    if duplicates:
-        raise MergeInputError(
-            f"Adapter(s) {duplicates} appear more than once; give each adapter once with its weight."
-        )
-    missing = [name for name in adapters if name not in peft_config]
-    if missing:
-        raise MergeInputError(
-            f"Unknown adapter(s) {missing}; the model has: {', '.join(map(repr, peft_config)) or 'none'}."
-        )
-    weights = check_weights(weights, len(adapters))
-    for name, value in (peft_arguments or {}).items():
-        if value != PEFT_ONLY_ARGUMENTS[name]:
-            raise MergeInputError(
-                f"{name}={value!r} is only used by PEFT's own combination types; combination_type="
-                f"{combination_type!r} does not take it."
-            )
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
-        raise MergeInputError(f"svd_rank must be a positive integer or None, got {svd_rank!r}.")
-    resolved = combination.resolve_options(dict(options or {}))
-    combination.check_weights(weights, resolved)
-    check_adapter_configs(peft_config, adapters)
-    return CombinationRequest(adapters, weights, combination, resolved, svd_rank)
-
-
-def _num_layers(model: torch.nn.Module, modules: list[LoraModuleInfo]) -> int | None:
-    config = getattr(model, "config", None)
-    for attribute in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
+def num_layers(config: Mapping[str, Any] | None, module_names: Sequence[str] = ()) -> int | None:
+    """The number of blocks, for depth schedules: from the config (its `text_config` for multimodal models), else
+    one more than the largest block index among `module_names`."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    indices = [info.layer_index for info in modules if info.layer_index is not None]
+    text_config = (config or {}).get("text_config")
+    if isinstance(text_config, Mapping):
+        return num_layers(text_config, module_names)
+    indices = [int(m.group(1)) for name in module_names if (m := _LAYER_INDEX.search(name))]
     return max(indices) + 1 if indices else None
 
 
-def _as_factors(result: Any, shape: tuple[int, int], context: ModuleContext, name: str) -> LowRankDelta:
+def _check_finite(delta: LowRankDelta, what: str) -> None:
+    # A float64 sum is finite exactly when every entry is (inf and nan propagate; realistic factors cannot overflow
+    # it): one cheap pass per factor, no boolean copy.
+    for label, factor in (("B", delta.B), ("A", delta.A)):
+        if not math.isfinite(float(factor.sum(dtype=torch.float64))):
+            raise CombinationError(f"{what} has non-finite values (NaN or Inf) in its {label} factor.")
+
+
+def _as_factors(result: Any, shape: tuple[int, int], context: ModuleContext, request: MergeRequest) -> LowRankDelta:
+    name = request.method
+    provider = request.combination.provider
+    where = f"combination_type={name!r} (from {provider})"
     if isinstance(result, LowRankDelta):
         if result.shape != shape:
             raise CombinationError(
-                f"combination_type={name!r} returned a delta of shape {result.shape} for {context.name!r}, "
-                f"expected {shape}."
+                f"{where} returned a delta of shape {result.shape} for {context.name!r}, expected {shape}."
             )
         delta = result
     elif isinstance(result, torch.Tensor):
         if tuple(result.shape) != shape:
             raise CombinationError(
-                f"combination_type={name!r} returned a dense delta of shape {tuple(result.shape)} for "
-                f"{context.name!r}, expected {shape}."
+                f"{where} returned a dense delta of shape {tuple(result.shape)} for {context.name!r}, expected "
+                f"{shape}."
             )
+        if not bool(torch.isfinite(result).all()):
+            raise CombinationError(f"{where} returned non-finite values (NaN or Inf) for {context.name!r}.")
         u, s, vh = torch.linalg.svd(result, full_matrices=False)
         delta, stats = compress(u * s, vh, context.svd_rank)
         context.stats.setdefault("rank", stats.rank)
         context.stats.setdefault("energy_kept", stats.energy_kept)
     else:
-        raise CombinationError(
-            f"combination_type={name!r} must return a LowRankDelta or a dense tensor, got {type(result).__name__}."
-        )
-    # A float64 sum is finite exactly when every entry is (inf and nan propagate; realistic factors cannot overflow
-    # it): one cheap pass per factor, no boolean copy of the factors.
-    if not all(math.isfinite(float(factor.sum(dtype=torch.float64))) for factor in (delta.B, delta.A)):
-        raise CombinationError(f"combination_type={name!r} produced non-finite values for {context.name!r}.")
+        raise CombinationError(f"{where} must return a LowRankDelta or a dense tensor, got {type(result).__name__}.")
+    _check_finite(delta, f"The result of {where} for {context.name!r}")
+    if delta.rank > min(shape):
+        delta, stats = compress(delta.B, delta.A, min(shape))
+        context.stats["rank"] = stats.rank
     if context.svd_rank is not None and delta.rank > context.svd_rank:
         delta, stats = compress(delta.B, delta.A, context.svd_rank)
         context.stats["rank"] = stats.rank
@@ -193,24 +135,22 @@ def _as_factors(result: Any, shape: tuple[int, int], context: ModuleContext, nam
 
 
 def combine_factors(
-    request: CombinationRequest,
+    request: MergeRequest,
     deltas: list[LowRankDelta],
     name: str,
     layer_index: int | None = None,
-    num_layers: int | None = None,
+    layers: int | None = None,
 ) -> tuple[LowRankDelta, dict[str, Any]]:
-    """Combine one module's input deltas (canonical factors, one per adapter, zeros where absent) with the
-    request's type, weights and options.
-
-    This is the single place a combination function is called: the PEFT patch, `save_merged` and the out-of-core
-    `merge_checkpoint` all go through it.
+    """Combine one module's input deltas (canonical factors, one per adapter, zeros where absent) with the request's
+    plugin type, weights and options. The only caller of combination functions.
 
     Returns:
-        `tuple[LowRankDelta, dict]`: The merged factors (rank at most `svd_rank`) and the module's statistics.
+        `tuple[LowRankDelta, dict]`: The merged factors (rank at most `svd_rank` and `min(out, in)`) and the
+        module's statistics.
     """
     combination = request.combination
     shape = deltas[0].shape
-    context = ModuleContext(name, layer_index, num_layers, request.svd_rank)
+    context = ModuleContext(name, layer_index, layers, request.svd_rank)
     try:
         result = combination.function(list(deltas), list(request.weights), context, **request.options)
     except (CombinationError, MergeInputError):
@@ -220,149 +160,88 @@ def combine_factors(
             f"combination_type={combination.name!r} (from {combination.provider}) failed on {name!r}: "
             f"{type(error).__name__}: {error}"
         ) from error
-    delta = _as_factors(result, shape, context, combination.name)
+    delta = _as_factors(result, shape, context, request)
     return delta, dict(context.stats)
 
 
-def combine_adapters(model: torch.nn.Module, request: CombinationRequest) -> tuple[list[MergedModule], MergeReport]:
-    """Compute the merged factors of every module touched by the request. Reads the model, never modifies it.
+def combine_module(
+    request: MergeRequest, module: FactorModule, layers: int | None
+) -> tuple[LowRankDelta, dict[str, Any]]:
+    """The merged factors of one module: read every adapter's factors (checked finite), zero-fill the absent ones,
+    then either take the single adapter as it is (times its weight) or call the plugin type.
 
-    Args:
-        model (`torch.nn.Module`): The model holding the LoRA layers (a `LoraModel`'s `.model`, or any module tree).
-        request (`CombinationRequest`): A request from `prepare_request`.
-
-    Returns:
-        `tuple[list[MergedModule], MergeReport]`: The merged modules, in model order, and the report.
+    Raises:
+        `MergeInputError`: When an adapter's factors hold NaN or Inf (naming the adapter and the module).
+        `CombinationError`: When the combination fails or returns an unusable result (naming the plugin).
     """
-    modules = find_lora_modules(model, request.adapters)
-    if not modules:
-        raise MergeInputError(f"None of the adapters {request.adapters} has LoRA layers in this model.")
-    for info in modules:
-        for adapter in request.adapters:
-            check_supported(info, adapter)
-    num_layers = _num_layers(model, modules)
-    combination = request.combination
-    started = time.perf_counter()
-    merged: list[MergedModule] = []
-    for info in modules:
-        present = [a for a in request.adapters if _has(info, a)]
-        device, storage_dtype = factor_device_dtype(info, present)
-        compute_dtype = compute_dtype_for(device)
-        out_features, in_features = in_out_features(info, present[0])
-        deltas = []
-        for adapter in request.adapters:
-            delta = read_factors(info, adapter, compute_dtype)
-            if delta is None:
-                zeros = torch.zeros(out_features, 1, dtype=compute_dtype, device=device)
-                delta = LowRankDelta(zeros, torch.zeros(1, in_features, dtype=compute_dtype, device=device))
-            deltas.append(delta)
-        delta, stats = combine_factors(request, deltas, info.name, info.layer_index, num_layers)
-        merged.append(MergedModule(info, delta, storage_dtype, stats))
-    report = MergeReport(
-        combination_type=combination.name,
-        adapters=list(request.adapters),
-        weights=list(request.weights),
-        options=_plain(request.options),
-        svd_rank=request.svd_rank,
-        provider=combination.provider,
-        seconds=time.perf_counter() - started,
-        modules=[ModuleReport(m.info.name, m.info.layer_index, _plain(m.stats)) for m in merged],
-    )
-    return merged, report
+    compute_dtype = compute_dtype_for(module.device)
+    deltas = []
+    for adapter in request.adapters:
+        delta = module.read(adapter)
+        if delta is None:
+            out_features, in_features = module.shape
+            zeros = torch.zeros(out_features, 1, dtype=compute_dtype, device=module.device)
+            delta = LowRankDelta(zeros, torch.zeros(1, in_features, dtype=compute_dtype, device=module.device))
+        else:
+            try:
+                _check_finite(delta, f"Adapter {adapter!r} at {module.name!r}")
+            except CombinationError as error:
+                raise MergeInputError(f"{error} Retrain or repair that adapter; nothing was written.") from None
+        deltas.append(delta)
+    if request.method is None:
+        delta = deltas[0]
+        weight = request.weights[0]
+        if weight != 1.0:
+            delta = LowRankDelta(delta.B * weight, delta.A)
+        return delta, {"rank": delta.rank}
+    return combine_factors(request, deltas, module.name, module.layer_index, layers)
 
 
-def _has(info: LoraModuleInfo, adapter: str) -> bool:
-    module = info.module
-    return adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "lora_embedding_A", {})
+class ReportBuilder:
+    """Gathers per-module statistics and the combination time into a `MergeReport`."""
+
+    def __init__(self, request: MergeRequest, module_order: Sequence[str] = ()) -> None:
+        self.request = request
+        self.order = {name: index for index, name in enumerate(module_order)}
+        self.modules: dict[str, ModuleReport] = {}
+        self.seconds = 0.0
+
+    def combine(self, module: FactorModule, layers: int | None) -> LowRankDelta:
+        """`combine_module`, timed and recorded."""
+        started = time.perf_counter()
+        delta, stats = combine_module(self.request, module, layers)
+        self.seconds += time.perf_counter() - started
+        self.modules[module.name] = ModuleReport(module.name, module.layer_index, plain(stats))
+        return delta
+
+    def add(self, name: str, layer_index: int | None, stats: Mapping[str, Any]) -> None:
+        """Record a module computed elsewhere (PEFT's own types)."""
+        self.modules[name] = ModuleReport(name, layer_index, plain(dict(stats)))
+
+    def build(self) -> MergeReport:
+        """The report, modules in model order."""
+        request = self.request
+        names = sorted(self.modules, key=lambda name: (self.order.get(name, len(self.order)), name))
+        return MergeReport(
+            combination_type=request.method or "none",
+            adapters=list(request.adapters),
+            weights=list(request.weights),
+            options=plain({k: v for k, v in request.options.items() if v is not None or not request.is_peft_type}),
+            svd_rank=request.svd_rank,
+            provider=request.provider,
+            seconds=self.seconds,
+            modules=[self.modules[name] for name in names],
+        )
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """`value` as JSON-ready data: tensors to lists, non-finite floats to strings, mappings with string keys."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def _new_adapter_config(template: Any, merged: list[MergedModule]) -> Any:
-    """A LoraConfig with effective scaling exactly 1 everywhere and per-module ranks through `rank_pattern`."""
-    ranks = Counter(m.delta.rank for m in merged)
-    default_rank = ranks.most_common(1)[0][0]
-    pattern = {re.escape(m.info.name): m.delta.rank for m in merged if m.delta.rank != default_rank}
-    names = {f.name for f in dataclasses.fields(template)}
-    changes = {
-        "r": default_rank,
-        "lora_alpha": default_rank,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(m.info.name for m in merged),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "lora_dropout": 0.0,
-    }
-    return dataclasses.replace(template, **{k: v for k, v in changes.items() if k in names})
-
-
-def add_combined_adapter(lora_model: Any, adapter_name: str, request: CombinationRequest) -> MergeReport:
-    """Compute the combination and add it to `lora_model` (a PEFT `LoraModel`) as `adapter_name`.
-
-    Nothing is modified until every module's factors are computed; if creating the adapter fails midway, it is
-    removed again, so the model is left as it was.
-    """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise MergeInputError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
-    if adapter_name in lora_model.peft_config:
-        raise MergeInputError(
-            f"An adapter named {adapter_name!r} already exists; pick a free name or delete it first with "
-            f"model.delete_adapter({adapter_name!r})."
-        )
-    merged, report = combine_adapters(lora_model.model, request)
-    config = _new_adapter_config(lora_model.peft_config[request.adapters[0]], merged)
-    active_before = list(lora_model.active_adapters)
-    lora_model.peft_config[adapter_name] = config
-    try:
-        try:
-            lora_model.inject_adapter(lora_model.model, adapter_name, low_cpu_mem_usage=True)
-        except TypeError:
-            lora_model.inject_adapter(lora_model.model, adapter_name)
-        for module in merged:
-            if not _has(module.info, adapter_name):
-                raise CombinationError(f"PEFT did not create adapter {adapter_name!r} at {module.info.name!r}.")
-            write_factors(module.info, adapter_name, module.delta, module.dtype)
-            module.info.module.scaling[adapter_name] = 1.0
-        if list(lora_model.active_adapters) != active_before:
-            lora_model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
-        _freeze(lora_model, adapter_name)
-    except BaseException:
-        _remove_adapter(lora_model, adapter_name, active_before)
-        raise
-    reports = lora_model.__dict__.setdefault("peft_merge_ext_reports", {})
-    reports[adapter_name] = report
-    return report
-
-
-def _freeze(lora_model: Any, adapter_name: str) -> None:
-    for name, parameter in lora_model.model.named_parameters():
-        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-            parameter.requires_grad = False
-
-
-def _remove_adapter(lora_model: Any, adapter_name: str, active_before: list[str]) -> None:
-    from peft.tuners.lora import LoraLayer
-
-    for module in lora_model.model.modules():
-        if isinstance(module, LoraLayer):
-            module.delete_adapter(adapter_name)
-    lora_model.peft_config.pop(adapter_name, None)
-    if list(lora_model.active_adapters) != active_before:
-        lora_model.set_adapter(active_before if len(active_before) > 1 else active_before[0])

@@ -1,13 +1,40 @@
-"""`MergeInfo`: everything a model card, a recipe or a log needs to know about one merge."""
+"""What a merge was, for people and for reruns: `AdapterInfo`, the versioned `Lineage` record and `MergeInfo`.
+
+Every adapter a combination creates carries a `Lineage`: its source adapters (with their content digests, Hub ids
+when known, and their own lineage), weights, method, options, `svd_rank`, a per-module report summary and the
+library versions. It is kept with the adapter in memory and saved beside it (`LINEAGE_FILE`, a file PEFT ignores), so
+a combined adapter of combined adapters describes the whole tree, and a model card can publish a recipe that
+rebuilds it step by step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..engine.report import MergeReport
+from ..errors import MergeInputError
+from .report import MergeReport
 
-__all__ = ["AdapterInfo", "MergeInfo"]
+__all__ = ["LINEAGE_FILE", "LINEAGE_FORMAT", "AdapterInfo", "Lineage", "MergeInfo", "library_versions"]
+
+LINEAGE_FILE = "peft_merge_ext_lineage.json"
+LINEAGE_FORMAT = "peft-merge-ext/lineage"
+LINEAGE_VERSION = 1
+VERSIONED_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of peft-merge-ext and the libraries a merge depends on (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .._version import __version__
+
+    versions = {"peft-merge-ext": __version__}
+    for name in VERSIONED_LIBRARIES:
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
 
 
 @dataclass
@@ -26,6 +53,8 @@ class AdapterInfo:
         sha256_of (`str`, *optional*): What `sha256` hashes: `"adapter_model.safetensors"` (the file's bytes, the
             same digest the Hub shows for that LFS file) or `"tensors"` (module name, dtype, shape and bytes of the
             LoRA factors in model order, for adapters that only exist in memory).
+        hub_id (`str`, *optional*): Its Hub repository, when it was loaded from (or published to) the Hub.
+        lineage (`Lineage`, *optional*): How it was made, when a combination made it.
     """
 
     name: str
@@ -37,6 +66,105 @@ class AdapterInfo:
     use_rslora: bool = False
     sha256: str | None = None
     sha256_of: str | None = None
+    hub_id: str | None = None
+    lineage: Lineage | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (the lineage nested as a dict)."""
+        data = {key: value for key, value in asdict(self).items() if key != "lineage"}
+        data["lineage"] = self.lineage.to_dict() if self.lineage is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterInfo:
+        """The inverse of `to_dict`."""
+        values = {key: data.get(key) for key in ("name", "source", "sha256", "sha256_of", "hub_id")}
+        lineage = data.get("lineage")
+        return cls(
+            **values,
+            weight=float(data.get("weight", 1.0)),
+            rank=int(data.get("rank") or 0),
+            alpha=float(data.get("alpha") or 0.0),
+            target_modules=list(data.get("target_modules") or []),
+            use_rslora=bool(data.get("use_rslora", False)),
+            lineage=Lineage.from_dict(lineage) if lineage else None,
+        )
+
+
+@dataclass
+class Lineage:
+    """How a combined adapter was made (a versioned, JSON-serializable record).
+
+    Args:
+        method (`str`, *optional*): The combination type; `None` for one adapter taken as it is.
+        provider (`str`): Who computed it: the plugin and its distribution, or `"peft"`.
+        sources (`list[AdapterInfo]`): The source adapters with their weights, digests and own lineage.
+        options (`dict`): The type's options.
+        svd_rank (`int`, *optional*): The rank bound.
+        base_model (`str`, *optional*): The base model's Hub id, when known.
+        report_summary (`dict`): Aggregates of the per-module statistics (`MergeReport.summary()`).
+        versions (`dict[str, str]`): Library versions used.
+        search (`dict`, *optional*): For weights found by `search_weights`: optimizer, budget, seed, best and
+            initial objective values.
+    """
+
+    method: str | None
+    provider: str
+    sources: list[AdapterInfo]
+    options: dict[str, Any] = field(default_factory=dict)
+    svd_rank: int | None = None
+    base_model: str | None = None
+    report_summary: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    search: dict[str, Any] | None = None
+
+    @property
+    def weights(self) -> list[float]:
+        """The weights of the sources, in order."""
+        return [source.weight for source in self.sources]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready data, with its format and version."""
+        return {
+            "format": LINEAGE_FORMAT,
+            "version": LINEAGE_VERSION,
+            "method": self.method,
+            "provider": self.provider,
+            "sources": [source.to_dict() for source in self.sources],
+            "options": self.options,
+            "svd_rank": self.svd_rank,
+            "base_model": self.base_model,
+            "report_summary": self.report_summary,
+            "versions": self.versions,
+            "search": self.search,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Lineage:
+        """Read a record written by `to_dict`.
+
+        Raises:
+            `MergeInputError`: For data that is not a lineage record, or a newer version of the format.
+        """
+        if not isinstance(data, dict) or data.get("format") != LINEAGE_FORMAT:
+            raise MergeInputError(f"Not a peft-merge-ext lineage record (expected format {LINEAGE_FORMAT!r}).")
+        version = data.get("version")
+        if not isinstance(version, int) or version > LINEAGE_VERSION:
+            raise MergeInputError(
+                f"Lineage record version {version!r} is newer than this peft-merge-ext understands "
+                f"({LINEAGE_VERSION}); upgrade peft-merge-ext."
+            )
+        return cls(
+            method=data.get("method"),
+            provider=str(data.get("provider") or ""),
+            sources=[AdapterInfo.from_dict(source) for source in data.get("sources") or []],
+            options=dict(data.get("options") or {}),
+            svd_rank=data.get("svd_rank"),
+            base_model=data.get("base_model"),
+            report_summary=dict(data.get("report_summary") or {}),
+            versions=dict(data.get("versions") or {}),
+            search=data.get("search"),
+        )
 
 
 @dataclass
@@ -45,7 +173,7 @@ class MergeInfo:
 
     Args:
         base_model (`str`, *optional*): The base model's Hub id, `None` when it is only known as a local folder.
-        adapters (`list[AdapterInfo]`): The inputs.
+        adapters (`list[AdapterInfo]`): The inputs (each with its own lineage when a combination made it).
         combination_type (`str`, *optional*): The method, `None` when a single adapter is merged as is.
         options (`dict`): The method's options.
         svd_rank (`int`, *optional*): The rank bound.
@@ -54,6 +182,7 @@ class MergeInfo:
         report (`MergeReport`, *optional*): Per-module statistics of the combination.
         eval_results (`list[dict]`, *optional*): Evaluation rows for the card's model-index.
         versions (`dict[str, str]`): Library versions used.
+        provider (`str`): Who computed the combination.
     """
 
     base_model: str | None
@@ -66,7 +195,23 @@ class MergeInfo:
     report: MergeReport | None = None
     eval_results: list[dict[str, Any]] | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    provider: str = "peft-merge-ext"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict."""
-        return asdict(self)
+        data = asdict(self)
+        data["adapters"] = [adapter.to_dict() for adapter in self.adapters]
+        return data
+
+    def to_lineage(self) -> Lineage:
+        """The lineage record of the adapter this merge produces (for `merge_into_base=False`)."""
+        return Lineage(
+            method=self.combination_type,
+            provider=self.provider,
+            sources=list(self.adapters),
+            options=dict(self.options),
+            svd_rank=self.svd_rank,
+            base_model=self.base_model,
+            report_summary=self.report.summary() if self.report is not None else {},
+            versions=dict(self.versions),
+        )

@@ -84,8 +84,11 @@ def get_merge_report(model: Any, adapter_name: str) -> MergeReport:
     Raises:
         `KeyError`: When `adapter_name` was not made by a peft-merge-ext combination type on this model.
     """
+    from ..peft_bridge.adapters import get_report
+
     lora_model = getattr(model, "base_model", model)
-    reports = getattr(lora_model, "peft_merge_ext_reports", {})
+    configs = getattr(lora_model, "peft_config", {})
+    reports = {name: get_report(config) for name, config in configs.items() if get_report(config) is not None}
     if adapter_name not in reports:
         raise KeyError(
             f"No peft-merge-ext report for adapter {adapter_name!r}; reports exist for: {sorted(reports) or 'none'}."

@@ -7,13 +7,13 @@ PEFT's `set_adapter` also flips `requires_grad` of adapter weights, so the activ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MergeInputError
 
-__all__ = ["AdapterState", "lora_model_of", "using_adapter"]
+__all__ = ["AdapterState", "activate", "delete_adapter", "lora_model_of", "using_adapter"]
 
 
 def lora_model_of(model: Any) -> Any:
@@ -37,13 +37,19 @@ def lora_model_of(model: Any) -> Any:
 
 @dataclass
 class AdapterState:
-    """What activating an adapter changes, recorded so it can be put back."""
+    """What PEFT's adapter switching and temporary adapters change, recorded so it can be put back exactly.
+
+    The one implementation used by `save_merged` (PEFT's own types run into a temporary adapter), `search_weights`
+    (scratch adapters) and `evaluate` (switching adapters): the adapter configs, the active adapters (also the
+    `PeftModel`'s own `active_adapter`), every parameter's `requires_grad` and every module's train/eval mode.
+    """
 
     model: Any
+    configs: dict[str, Any]
     active_adapters: list[str]
     peft_active_adapter: Any
     requires_grad: list[tuple[Any, bool]]
-    training: bool
+    training: list[tuple[Any, bool]]
 
     @classmethod
     def capture(cls, model: Any) -> AdapterState:
@@ -51,22 +57,41 @@ class AdapterState:
         lora_model = lora_model_of(model)
         return cls(
             model=model,
+            configs=dict(lora_model.peft_config),
             active_adapters=list(lora_model.active_adapters),
             peft_active_adapter=model.__dict__.get("active_adapter") if model is not lora_model else None,
             requires_grad=[(parameter, parameter.requires_grad) for parameter in model.parameters()],
-            training=model.training,
+            training=[(module, module.training) for module in model.modules()],
         )
 
-    def restore(self) -> None:
-        """Put the recorded active adapters, `requires_grad` flags and train/eval mode back."""
+    def restore(self, keep: Sequence[str] = ()) -> None:
+        """Delete adapters added since `capture` (except those in `keep`), then put back the configs, active adapters,
+        `requires_grad` flags and train/eval modes."""
         lora_model = lora_model_of(self.model)
+        for name in [name for name in lora_model.peft_config if name not in self.configs and name not in keep]:
+            delete_adapter(lora_model, name, self.active_adapters)
+        kept = {name: lora_model.peft_config[name] for name in keep if name in lora_model.peft_config}
+        lora_model.peft_config.clear()
+        lora_model.peft_config.update({**self.configs, **kept})
         if list(lora_model.active_adapters) != self.active_adapters:
             lora_model.set_adapter(self.active_adapters)
         if self.model is not lora_model and self.peft_active_adapter is not None:
             self.model.active_adapter = self.peft_active_adapter
         for parameter, flag in self.requires_grad:
             parameter.requires_grad_(flag)
-        self.model.train(self.training)
+        for module, flag in self.training:
+            module.training = flag
+
+
+def delete_adapter(lora_model: Any, name: str, fallback_active: list[str] | None = None) -> None:
+    """Delete adapter `name` from a `LoraModel` (deactivated first: PEFT warns when deleting an active one)."""
+    if name not in lora_model.peft_config:
+        return
+    active = [adapter for adapter in lora_model.active_adapters if adapter != name]
+    if len(active) != len(lora_model.active_adapters):
+        others = [adapter for adapter in lora_model.peft_config if adapter != name]
+        lora_model.set_adapter(active or fallback_active or others[:1])
+    lora_model.delete_adapter(name)
 
 
 def activate(model: Any, adapter: str) -> None:

@@ -21,7 +21,15 @@ from torch import nn
 from ..errors import AdapterCompatibilityError
 from ..plugins.contract import LowRankDelta
 
-__all__ = ["LoraModuleInfo", "find_lora_modules", "read_factors", "write_factors"]
+__all__ = [
+    "LoraModuleInfo",
+    "factor_tensors",
+    "find_lora_modules",
+    "has_adapter",
+    "read_factors",
+    "slot_rank",
+    "write_factors",
+]
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -113,7 +121,8 @@ def read_factors(info: LoraModuleInfo, adapter: str, dtype: torch.dtype) -> LowR
     else:
         return None
     scaling = float(module.scaling[adapter])
-    return LowRankDelta(b.detach().to(dtype) * scaling, a.detach().to(dtype))
+    # Fresh tensors: a combination function may work in place without touching the user's adapter.
+    return LowRankDelta(b.detach().to(dtype) * scaling, a.detach().to(dtype, copy=True))
 
 
 def factor_device_dtype(info: LoraModuleInfo, adapters: list[str]) -> tuple[torch.device, torch.dtype]:
@@ -138,9 +147,8 @@ def in_out_features(info: LoraModuleInfo, adapter: str) -> tuple[int, int]:
     return module.lora_B[adapter].weight.shape[0], weight_a[0].numel()
 
 
-def write_factors(info: LoraModuleInfo, adapter: str, delta: LowRankDelta, dtype: torch.dtype) -> None:
-    """Store `delta` as the factors of `adapter` at this module (whose rank must already match), scaling 1 assumed."""
-    module = info.module
+def write_factors(module: nn.Module, adapter: str, delta: LowRankDelta, dtype: torch.dtype) -> None:
+    """Store `delta` as the factors of `adapter` in the PEFT LoRA layer `module` (scaling 1 assumed)."""
     b = delta.B.to(dtype)
     a = delta.A.to(dtype)
     if adapter in getattr(module, "lora_embedding_A", {}):
@@ -152,3 +160,22 @@ def write_factors(info: LoraModuleInfo, adapter: str, delta: LowRankDelta, dtype
     shape_b = (b.shape[0], delta.rank, *layer_b.weight.shape[2:])
     layer_a.weight = nn.Parameter(a.reshape(shape_a).contiguous(), requires_grad=False)
     layer_b.weight = nn.Parameter(b.reshape(shape_b).contiguous(), requires_grad=False)
+
+
+def slot_rank(module: nn.Module, adapter: str) -> int:
+    """The rank of `adapter`'s factors in the LoRA layer `module`."""
+    if adapter in getattr(module, "lora_embedding_A", {}):
+        return module.lora_embedding_A[adapter].shape[0]
+    return module.lora_A[adapter].weight.shape[0]
+
+
+def factor_tensors(module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored `(A, B)` tensors of `adapter` in the LoRA layer `module` (for digests)."""
+    if adapter in getattr(module, "lora_embedding_A", {}):
+        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+    return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+def has_adapter(module: nn.Module, adapter: str) -> bool:
+    """Whether the LoRA layer `module` holds factors of `adapter`."""
+    return adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "lora_embedding_A", {})

@@ -14,8 +14,6 @@ import sys
 import typing
 from typing import Any
 
-from ..errors import UnknownCombinationTypeError
-
 __all__ = ["attach_methods", "detach_methods", "install", "install_loaded", "is_installed", "uninstall"]
 
 _MARKER = "__peft_merge_ext_patch__"
@@ -45,7 +43,9 @@ def _make_wrapper(original: Any) -> Any:
     def add_weighted_adapter(self: Any, *args: Any, **kwargs: Any) -> None:
         combination_type = args[3] if len(args) > 3 else kwargs.get("combination_type", "svd")
         if isinstance(combination_type, str) and combination_type in peft_types:
-            return original(self, *args, **kwargs)  # PEFT's own path, arguments untouched
+            result = original(self, *args, **kwargs)  # PEFT's own path, arguments untouched
+            _record_peft_lineage(original, self, args, kwargs)
+            return result
         return _plugin_weighted_adapter(self, *args, **kwargs)
 
     setattr(add_weighted_adapter, _MARKER, True)
@@ -54,6 +54,31 @@ def _make_wrapper(original: Any) -> Any:
         "`average`, `slerp`, `karcher`, ...); extra keyword options go to that type."
     )
     return add_weighted_adapter
+
+
+def _record_peft_lineage(original: Any, lora_model: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Attach the lineage of an adapter PEFT's own type just created; never fails PEFT's call."""
+    import inspect
+    import warnings
+
+    try:
+        from ..engine.request import PEFT_ONLY_ARGUMENTS, MergeRequest
+        from .peft_types import record_peft_lineage
+
+        bound = inspect.signature(original).bind(lora_model, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        options = {name: arguments[name] for name in PEFT_ONLY_ARGUMENTS if name in arguments}
+        request = MergeRequest(
+            list(arguments["adapters"]),
+            [float(w) for w in arguments["weights"]],
+            arguments["combination_type"],
+            options,
+            arguments.get("svd_rank"),
+        )
+        record_peft_lineage(lora_model, arguments["adapter_name"], request)
+    except Exception as error:  # the adapter PEFT made is fine; only its record is missing
+        warnings.warn(f"peft-merge-ext could not record how the adapter was made: {error}", stacklevel=3)
 
 
 def _plugin_weighted_adapter(
@@ -70,16 +95,13 @@ def _plugin_weighted_adapter(
     majority_sign_method: str = "total",
     **options: Any,
 ) -> None:
-    from ..engine.combine import add_combined_adapter, prepare_request
-    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
+    from ..engine.request import resolve_request, unknown_type_error
+    from ..plugins.registry import get_combination_types
+    from .adapters import add_combined_adapter, check_new_adapter_name
 
-    types = get_combination_types()
-    if combination_type not in types:
-        raise UnknownCombinationTypeError(
-            f"Unknown combination_type {combination_type!r}. "
-            f"PEFT's types: {', '.join(sorted(PEFT_COMBINATION_TYPES))}."
-            f" Plugin types: {', '.join(sorted(types)) or 'none'} (see `peft-merge-ext plugins`)."
-        )
+    if combination_type not in get_combination_types():
+        raise unknown_type_error(combination_type)
+    check_new_adapter_name(self, adapter_name)
     peft_arguments = {
         "svd_clamp": svd_clamp,
         "svd_full_matrices": svd_full_matrices,
@@ -87,7 +109,9 @@ def _plugin_weighted_adapter(
         "density": density,
         "majority_sign_method": majority_sign_method,
     }
-    request = prepare_request(self.peft_config, adapters, weights, combination_type, svd_rank, options, peft_arguments)
+    request = resolve_request(
+        self.peft_config, adapters, weights, combination_type, svd_rank, options, peft_arguments=peft_arguments
+    )
     add_combined_adapter(self, adapter_name, request)
 
 
@@ -138,7 +162,13 @@ def _loaded_class(module_name: str, class_name: str) -> type | None:
 
 def attach_methods() -> None:
     """Add `save_merged` / `push_merged` to PEFT's `PeftModel` and transformers' `PreTrainedModel`, for each class
-    whose module is already imported. A method a library defines itself is never replaced (idempotent)."""
+    whose module is already imported, and make `PeftModel` keep lineage records across `save_pretrained` /
+    `from_pretrained`. A method a library defines itself is never replaced (idempotent)."""
+    from .persistence import wrap_peft_model
+
+    peft_model = _loaded_class("peft.peft_model", "PeftModel")
+    if peft_model is not None:
+        wrap_peft_model(peft_model)
     for module_name, class_name in _METHOD_OWNERS:
         cls = _loaded_class(module_name, class_name)
         if cls is None:
@@ -151,6 +181,11 @@ def attach_methods() -> None:
 
 def detach_methods() -> None:
     """Remove the methods added by `attach_methods` (idempotent)."""
+    from .persistence import unwrap_peft_model
+
+    peft_model = _loaded_class("peft.peft_model", "PeftModel")
+    if peft_model is not None:
+        unwrap_peft_model(peft_model)
     for module_name, class_name in _METHOD_OWNERS:
         cls = _loaded_class(module_name, class_name)
         if cls is None:

@@ -3,12 +3,20 @@
 Plugins are modules exposed through the `peft_merge_ext` entry-point group. They load lazily, once, on first use.
 The built-in types come through the very same path (the `builtin` entry point, also registered as a default plugin
 when the package runs from a source tree without installed metadata).
+
+Loading is isolated, so that no third-party plugin can break the host or the other plugins:
+
+- a plugin whose import, hook validation or hook call raises anything but `KeyboardInterrupt` (`SystemExit` and
+  `GeneratorExit` included) is skipped with one `RuntimeWarning` naming it and its distribution;
+- the built-in plugin loads first and third-party plugins follow in a deterministic order (sorted by distribution,
+  then entry-point name); a combination type name registered by an earlier plugin (the built-in types always come
+  first) keeps its first provider, and the later registration alone is skipped with one `RuntimeWarning` naming the
+  type and both providers: every other type of both plugins stays available.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import re
 import threading
@@ -21,7 +29,6 @@ from typing import Any
 import pluggy
 
 from ..errors import (
-    DuplicateCombinationTypeError,
     MergeInputError,
     PluginError,
     ReservedCombinationTypeError,
@@ -255,45 +262,126 @@ def _entry_points() -> list[Any]:
     return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
+def _is_builtin(entry_point: Any) -> bool:
+    """Whether `entry_point` is peft-merge-ext's own (a third-party one may reuse the name, not the module)."""
+    return DEFAULT_PLUGINS.get(entry_point.name) == entry_point.value
+
+
+def _distribution_of(entry_point: Any) -> tuple[str | None, str | None]:
+    """The name and version of the distribution that declares `entry_point` (`None`s when unknown or unreadable)."""
+    dist = getattr(entry_point, "dist", None)
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"] or None, dist.version or None
+    except Exception:  # malformed metadata of a third-party distribution must not break loading
+        return None, None
+
+
+def _load_order(entry_point: Any, distribution: str | None) -> tuple[str, str, str]:
+    """The sort key of third-party entry points: distribution (normalized as in PEP 503), entry-point name, module."""
+    normalized = re.sub(r"[-_.]+", "-", distribution).lower() if distribution else ""
+    return normalized, entry_point.name, entry_point.value
+
+
+def _describe_error(error: BaseException) -> str:
+    """`"Type: message"` (or `"Type"` when the message is empty), even for an exception whose `str()` raises."""
+    try:
+        message = str(error)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # a plugin's exception class may misbehave too
+        message = "<unprintable message>"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def _warn_broken(name: str, distribution: str | None, error: BaseException, stage: str) -> None:
     origin = f" from {distribution}" if distribution else ""
     warnings.warn(
-        f"peft-merge-ext plugin {name!r}{origin} failed to {stage} and was skipped: "
-        f"{type(error).__name__}: {error}. Every other combination type still works; upgrade or uninstall it, or "
-        f"leave it out with {LOAD_PLUGINS_ENV}.",
+        f"peft-merge-ext plugin {name!r}{origin} failed to {stage} and was skipped: {_describe_error(error)}. Every "
+        f"other combination type still works; upgrade or uninstall it, or leave it out with {LOAD_PLUGINS_ENV}.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _warn_clash(combination: CombinationType, kept: CombinationType) -> None:
+    warnings.warn(
+        f"peft-merge-ext plugin {combination.provider} registers combination type {combination.name!r}, which "
+        f"{kept.provider} already provides; {combination.name!r} stays {kept.provider}'s and this registration was "
+        f"skipped (every other combination type of both plugins still works). Rename it, uninstall one of the two "
+        f"plugins, or choose which plugins load with {LOAD_PLUGINS_ENV}.",
         RuntimeWarning,
         stacklevel=4,
     )
 
 
 def _collect(manager: pluggy.PluginManager, meta: dict[str, tuple[str | None, str | None]]) -> None:
+    """Call every plugin's `register_combination_types` and build the registry.
+
+    Plugins are visited in load order with the built-in plugin first, so a name registered twice keeps its built-in
+    (or earliest third-party) provider. A plugin whose hook raises is unregistered with a warning; a registration that
+    clashes with an earlier one is skipped with a warning and the plugin's other types are kept.
+    """
     types: dict[str, CombinationType] = {}
     plugins: dict[str, PluginInfo] = {}
-    for name, plugin in list(manager.list_name_plugin()):
+    # `list_name_plugin` is in registration order; the stable sort only makes "built-ins first" explicit.
+    ordered = sorted(manager.list_name_plugin(), key=lambda item: item[0] not in DEFAULT_PLUGINS)
+    for name, plugin in ordered:
         distribution, version = meta.get(name, (None, None))
         register = Register(name, distribution, version)
-        hooks = tuple(sorted(caller.name for caller in manager.get_hookcallers(plugin) or []))
-        impls = [impl for impl in manager.hook.register_combination_types.get_hookimpls() if impl.plugin_name == name]
         try:
+            hooks = tuple(sorted(caller.name for caller in manager.get_hookcallers(plugin) or []))
+            impls = [
+                impl for impl in manager.hook.register_combination_types.get_hookimpls() if impl.plugin_name == name
+            ]
             for impl in impls:
                 arguments = {"register": register}
                 impl.function(*[arguments[arg] for arg in impl.argnames])
-        except Exception as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # SystemExit and GeneratorExit too: a plugin must not end the host
             _warn_broken(name, distribution, error, "register its combination types")
             manager.unregister(plugin)
             continue
+        accepted = []
         for combination in register.registered:
-            if combination.name in types:
-                other = types[combination.name]
-                raise DuplicateCombinationTypeError(
-                    f"Combination type {combination.name!r} is registered twice: by {other.provider} and by "
-                    f"{combination.provider}. Uninstall one of them or choose which plugins load with "
-                    f"{LOAD_PLUGINS_ENV}."
-                )
-        for combination in register.registered:
+            kept = types.get(combination.name)
+            if kept is not None:
+                _warn_clash(combination, kept)
+                continue
             types[combination.name] = combination
-        plugins[name] = PluginInfo(name, distribution, version, hooks, tuple(c.name for c in register.registered))
+            accepted.append(combination.name)
+        plugins[name] = PluginInfo(name, distribution, version, hooks, tuple(accepted))
     _REGISTRY.types, _REGISTRY.plugins = types, plugins
+
+
+def _load_entry_point(
+    manager: pluggy.PluginManager,
+    entry_point: Any,
+    distribution: str | None,
+    version: str | None,
+    meta: dict[str, tuple[str | None, str | None]],
+) -> None:
+    """Import the module of `entry_point` and register it under the entry point's name; warn and skip on failure."""
+    name = entry_point.name
+    if manager.has_plugin(name) or (name in DEFAULT_PLUGINS and not _is_builtin(entry_point)):
+        taken_by = meta.get(name, ("peft-merge-ext", None))[0]
+        _warn_broken(
+            name, distribution, PluginError(f"the plugin name {name!r} is already taken by {taken_by}"), "load"
+        )
+        return
+    try:
+        module = entry_point.load()
+        manager.register(module, name=name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # SystemExit (`sys.exit()` at import) and GeneratorExit too
+        if manager.has_plugin(name):  # pluggy validates before registering; never leave a half-registered plugin
+            manager.unregister(name=name)
+        _warn_broken(name, distribution, error, "load")
+        return
+    meta[name] = (distribution, version)
 
 
 def load_plugins(reload: bool = False) -> pluggy.PluginManager:
@@ -309,8 +397,8 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
     with _REGISTRY.lock:
         if _REGISTRY.manager is not None and not reload:
             return _REGISTRY.manager
-        # Forget the previous state first: a load that raises (duplicate names) must not leave a stale registry
-        # behind, so that every later call raises again until the conflict is resolved.
+        # Forget the previous state first: a load interrupted (KeyboardInterrupt) must not leave a stale registry
+        # behind, so that the next call loads again.
         _REGISTRY.manager, _REGISTRY.types, _REGISTRY.plugins = None, {}, {}
         manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         manager.add_hookspecs(hookspecs)
@@ -325,33 +413,23 @@ def load_plugins(reload: bool = False) -> pluggy.PluginManager:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        # The built-in plugin first (through its entry point, or directly from a source tree without metadata),
+        # then the third-party ones in a deterministic order, so that "the earlier registration wins" is stable.
         for entry_point in entry_points:
-            builtin = DEFAULT_PLUGINS.get(entry_point.name) == entry_point.value
-            if only is not None and not builtin and entry_point.name not in only:
-                continue
-            dist = getattr(entry_point, "dist", None)
-            distribution = dist.metadata["Name"] if dist is not None else None
-            version = dist.version if dist is not None else None
-            if manager.has_plugin(entry_point.name) or (entry_point.name in DEFAULT_PLUGINS and not builtin):
-                taken_by = meta.get(entry_point.name, ("peft-merge-ext", None))[0]
-                _warn_broken(
-                    entry_point.name,
-                    distribution,
-                    PluginError(f"the plugin name {entry_point.name!r} is already taken by {taken_by}"),
-                    "load",
-                )
-                continue
-            try:
-                module = entry_point.load()
-                manager.register(module, name=entry_point.name)
-            except Exception as error:
-                _warn_broken(entry_point.name, distribution, error, "load")
-                continue
-            meta[entry_point.name] = (distribution, version)
+            if _is_builtin(entry_point):
+                _load_entry_point(manager, entry_point, *_distribution_of(entry_point), meta)
         for name, module_name in DEFAULT_PLUGINS.items():
             if not manager.has_plugin(name):
                 manager.register(importlib.import_module(module_name), name=name)
                 meta[name] = ("peft-merge-ext", _own_version())
+        third_party = [
+            (entry_point, *_distribution_of(entry_point))
+            for entry_point in entry_points
+            if not _is_builtin(entry_point) and (only is None or entry_point.name in only)
+        ]
+        third_party.sort(key=lambda item: _load_order(item[0], item[1]))
+        for entry_point, distribution, version in third_party:
+            _load_entry_point(manager, entry_point, distribution, version, meta)
         while True:  # check_pending reports one offending plugin at a time
             try:
                 manager.check_pending()
@@ -393,8 +471,9 @@ def get_plugins() -> list[PluginInfo]:
 def run_hook(name: str, **arguments: Any) -> list[Any]:
     """Call every plugin's implementation of hook `name` (in pluggy's order: the last registered first).
 
-    Unlike calling `get_plugin_manager().hook.<name>(...)` directly, a plugin whose implementation raises does not
-    break the caller: it gets one `RuntimeWarning` naming it and the other implementations still run.
+    Unlike calling `get_plugin_manager().hook.<name>(...)` directly, a plugin whose implementation raises (anything
+    but `KeyboardInterrupt`, `SystemExit` included) does not break the caller: it gets one `RuntimeWarning` naming it
+    and the other implementations still run.
 
     Args:
         name (`str`): The hook, e.g. `"extend_model_card"`.
@@ -408,36 +487,12 @@ def run_hook(name: str, **arguments: Any) -> list[Any]:
     for impl in reversed(getattr(manager.hook, name).get_hookimpls()):
         try:
             result = impl.function(*[arguments[argument] for argument in impl.argnames])
-        except Exception as error:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # SystemExit and GeneratorExit too: a plugin must not end the host
             info = _REGISTRY.plugins.get(impl.plugin_name)
             _warn_broken(impl.plugin_name, info.distribution if info else None, error, f"run its {name} hook")
             continue
         if result is not None:
             results.append(result)
     return results
-
-
-def check_weights(weights: Any, count: int) -> list[float]:
-    """Validate the `weights` argument of a merge and return them as floats.
-
-    Raises:
-        `MergeInputError`: When the weights are not a list of `count` finite numbers.
-    """
-    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
-        raise MergeInputError(f"weights must be a list of numbers, one per adapter, got {weights!r}.")
-    if len(weights) != count:
-        raise MergeInputError(
-            f"Got {len(weights)} weight(s) for {count} adapter(s): pass exactly one weight per adapter."
-        )
-    result = []
-    for weight in weights:
-        if isinstance(weight, bool):
-            raise MergeInputError(f"weights must be numbers, got a bool ({weight!r}).")
-        try:
-            value = float(weight)
-        except (TypeError, ValueError):
-            raise MergeInputError(f"weights must be numbers, got {weight!r}.") from None
-        if not math.isfinite(value):
-            raise MergeInputError(f"weights must be finite, got {weight!r}.")
-        result.append(value)
-    return result

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine.merge_info import MergeInfo
+from ..checkpoint.side_files import hub_id_of, public_name
+from ..engine.merge_info import AdapterInfo, MergeInfo
 
 __all__ = ["TEMPLATE_PATH", "base_model_relation", "build_model_card", "method_formula", "write_model_card"]
 
@@ -77,16 +78,6 @@ def _description(name: str | None) -> str:
     return combination.description if combination is not None else ""
 
 
-def public_name(value: str | os.PathLike | None) -> str | None:
-    """A Hub id as is; a local path reduced to its folder name (never an absolute path or a user name)."""
-    if value is None:
-        return None
-    text = str(value)
-    if os.path.isabs(text) or os.path.exists(text) or text.startswith(("~", ".")) or "\\" in text:
-        return Path(text.rstrip("/\\")).name or None
-    return text
-
-
 def _license(base_model: str | None, base_card_data: Any, base_card_folder: Path | None) -> str | None:
     from huggingface_hub import ModelCard
 
@@ -132,12 +123,77 @@ def _summary_table(info: MergeInfo) -> str:
     return "\n".join(lines)
 
 
-def _recipe(info: MergeInfo) -> str | None:
-    try:
-        from ..recipe import recipe_from_merge_info
-    except ImportError:
-        return None
-    return recipe_from_merge_info(info).to_yaml().strip()
+def _recipe(info: MergeInfo) -> tuple[str, list[str], bool]:
+    """The recipe YAML, the paths to fill in, and whether it can be reproduced bit for bit (DARE samples at
+    random)."""
+    from ..recipe import recipe_from_merge_info
+
+    recipe = recipe_from_merge_info(info)
+    random = any(step.method and step.method.startswith("dare") for step in recipe.steps)
+    return recipe.to_yaml().strip(), recipe.fill_in, not random
+
+
+def _lineage_lines(adapter: AdapterInfo, depth: int = 0) -> list[str]:
+    """Markdown bullets for one source adapter and, when a combination made it, its own sources (the whole tree)."""
+    indent = "  " * depth
+    digest = f", sha256 `{adapter.sha256[:16]}…`" if adapter.sha256 else ""
+    where = f", [{adapter.hub_id}](https://huggingface.co/{adapter.hub_id})" if adapter.hub_id else ""
+    line = f"{indent}- **{adapter.name}** (weight {adapter.weight:g}, rank {adapter.rank}{digest}{where})"
+    lineage = adapter.lineage
+    if lineage is None:
+        return [line]
+    options = ", ".join(f"{key}={value!r}" for key, value in lineage.options.items() if value is not None)
+    details = "; ".join(
+        part
+        for part in (
+            f"options {options}" if options else "",
+            f"svd_rank {lineage.svd_rank}" if lineage.svd_rank is not None else "",
+            f"by {lineage.provider}" if lineage.provider else "",
+            f"weights found by search_weights ({lineage.search.get('optimizer')}, {lineage.search.get('trials')} "
+            f"trials, best objective {lineage.search.get('best_value'):.4g})"
+            if lineage.search
+            else "",
+        )
+        if part
+    )
+    lines = [
+        f"{line}: made with `{lineage.method or 'single adapter'}`" + (f" ({details})" if details else "") + " of:"
+    ]
+    for source in lineage.sources:
+        lines.extend(_lineage_lines(source, depth + 1))
+    summary = {key: value for key, value in lineage.report_summary.items() if isinstance(value, dict)}
+    if summary:
+        cells = "; ".join(
+            f"{key} {values['min']:.4g}/{values['mean']:.4g}/{values['max']:.4g}" for key, values in summary.items()
+        )
+        modules = lineage.report_summary.get("modules")
+        lines.append(f"{indent}  - per-module statistics over {modules} modules (min/mean/max): {cells}")
+    return lines
+
+
+def _summary(info: MergeInfo, method: str) -> str:
+    what = "model" if info.merge_into_base else "LoRA adapter"
+    into = " and merging the result into the base weights." if info.merge_into_base else "."
+    if info.combination_type is None and len(info.adapters) == 1:
+        adapter = info.adapters[0]
+        text = f"This {what} was made from the LoRA adapter `{adapter.name}`" + (
+            " merged into the base weights." if info.merge_into_base else "."
+        )
+        if adapter.lineage is not None:
+            sources = ", ".join(f"`{s.name}` ({s.weight:g})" for s in adapter.lineage.sources)
+            text += f" `{adapter.name}` itself combines {sources} with `{adapter.lineage.method}` (see Lineage)."
+        return text
+    names = ", ".join(f"`{a.name}` ({a.weight:g})" for a in info.adapters)
+    return f"This {what} was made by combining {len(info.adapters)} LoRA adapters, {names}, with `{method}`{into}"
+
+
+def _lineage(info: MergeInfo) -> str:
+    if not any(adapter.lineage is not None for adapter in info.adapters):
+        return ""
+    lines = []
+    for adapter in info.adapters:
+        lines.extend(_lineage_lines(adapter))
+    return "\n".join(lines)
 
 
 def _usage(info: MergeInfo, repo_id: str) -> str:
@@ -154,15 +210,23 @@ def _usage(info: MergeInfo, repo_id: str) -> str:
     )
 
 
+def _sanitized_adapter(adapter: AdapterInfo) -> AdapterInfo:
+    lineage = adapter.lineage
+    if lineage is not None:
+        lineage = dataclasses.replace(lineage, sources=[_sanitized_adapter(source) for source in lineage.sources])
+    return dataclasses.replace(
+        adapter,
+        name=public_name(adapter.name) or adapter.name,
+        source=public_name(adapter.source),
+        hub_id=hub_id_of(adapter.hub_id),
+        lineage=lineage,
+    )
+
+
 def _sanitized(info: MergeInfo) -> MergeInfo:
-    adapters = [
-        dataclasses.replace(
-            adapter, name=public_name(adapter.name) or adapter.name, source=public_name(adapter.source)
-        )
-        for adapter in info.adapters
-    ]
-    base = info.base_model if info.base_model and not os.path.exists(info.base_model) else None
-    return dataclasses.replace(info, adapters=adapters, base_model=base)
+    """The info with every name public: Hub ids as they are, local paths reduced to folder names."""
+    adapters = [_sanitized_adapter(adapter) for adapter in info.adapters]
+    return dataclasses.replace(info, adapters=adapters, base_model=hub_id_of(info.base_model))
 
 
 def build_model_card(
@@ -206,11 +270,8 @@ def build_model_card(
         model_name=name,
         eval_results=_eval_results(info.eval_results),
     )
-    count = len(info.adapters)
-    what = "model" if info.merge_into_base else "LoRA adapter"
-    summary = f"This {what} was made by combining {count} LoRA adapter{'s' if count > 1 else ''} with `{method}`" + (
-        " and merging the result into the base weights." if info.merge_into_base else "."
-    )
+    summary = _summary(info, method)
+    recipe, fill_in, reproducible = _recipe(info)
     parameters: dict[str, Any] = dict(info.options)
     if info.svd_rank is not None:
         parameters["svd_rank"] = info.svd_rank
@@ -230,7 +291,10 @@ def build_model_card(
         parameters=parameters,
         summary_table=_summary_table(info),
         module_table=info.report.to_markdown() if info.report is not None else "",
-        recipe=_recipe(info),
+        recipe=recipe,
+        fill_in=fill_in,
+        reproducible=reproducible,
+        lineage=_lineage(info),
         usage=_usage(info, name if repo_id is None or "/" not in str(repo_id) else str(repo_id)),
         versions=info.versions,
     )

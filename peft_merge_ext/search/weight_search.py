@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import CombinationError, EvaluationInputError, MergeInputError, UnknownCombinationTypeError
-from ..peft_bridge.adapter_state import AdapterState, activate, lora_model_of
+from ..errors import CombinationError, EvaluationInputError, MergeInputError
+from ..peft_bridge.adapter_state import AdapterState, activate, delete_adapter, lora_model_of
 
 __all__ = ["SearchResult", "Trial", "run_search_cli", "search_weights"]
 
@@ -119,7 +119,7 @@ def _check_initial(initial: Any, bounds: list[tuple[float, float]]) -> list[floa
     count = len(bounds)
     if initial is None:
         return [min(max(1.0 / count, low), high) for low, high in bounds]
-    from ..plugins.registry import check_weights
+    from ..engine.request import check_weights
 
     values = check_weights(initial, count)
     for value, (low, high) in zip(values, bounds, strict=True):
@@ -150,33 +150,33 @@ class _PluginCandidates:
     """Candidates of a registered (factor-space) type, written into one scratch adapter that is reused."""
 
     def __init__(self, lora_model: Any, adapters: list[str], combination_type: str, svd_rank: Any, options: dict):
-        from ..engine.combine import prepare_request
-
         self.lora_model, self.adapters, self.combination_type = lora_model, adapters, combination_type
         self.svd_rank, self.options = svd_rank, options
         self.created = False
         # Validates adapters, options and svd_rank before anything is modified.
-        prepare_request(lora_model.peft_config, adapters, [1.0] * len(adapters), combination_type, svd_rank, options)
+        self.request([1.0] * len(adapters))
 
     def request(self, weights: list[float]) -> Any:
-        from ..engine.combine import prepare_request
+        from ..engine.request import resolve_request
 
-        return prepare_request(
+        return resolve_request(
             self.lora_model.peft_config, self.adapters, weights, self.combination_type, self.svd_rank, self.options
         )
 
     def build(self, weights: list[float], name: str) -> None:
-        from ..engine.combine import add_combined_adapter, combine_adapters
+        from ..peft_bridge.adapters import add_combined_adapter
+        from ..peft_bridge.layers import slot_rank, write_factors
+        from ..peft_bridge.source import LiveFactorSource, merge_live
 
         request = self.request(weights)
         if self.created:
-            merged, _ = combine_adapters(self.lora_model.model, request)
-            slots = [_slot_rank(module.info.module, name) for module in merged]
-            if all(slot >= module.delta.rank for slot, module in zip(slots, merged, strict=True)):
-                from ..peft_bridge.layers import write_factors
-
-                for slot, module in zip(slots, merged, strict=True):
-                    write_factors(module.info, name, _pad(module.delta, slot), module.dtype)
+            model = self.lora_model
+            source = LiveFactorSource(model.model, model.peft_config, list(model.active_adapters), model)
+            merged, _ = merge_live(source, request)
+            slots = [slot_rank(m.module.handle, name) for m in merged]
+            if all(slot >= m.delta.rank for slot, m in zip(slots, merged, strict=True)):
+                for slot, m in zip(slots, merged, strict=True):
+                    write_factors(m.module.handle, name, _pad(m.delta, slot), m.module.storage_dtype)
                 return
             self.remove(name)
         add_combined_adapter(self.lora_model, name, request)
@@ -184,24 +184,22 @@ class _PluginCandidates:
 
     def remove(self, name: str) -> None:
         if self.created:
-            _delete(self.lora_model, name)
+            delete_adapter(self.lora_model, name)
             self.created = False
 
-    def add_final(self, weights: list[float], name: str) -> None:
-        from ..engine.combine import add_combined_adapter
+    def add_final(self, weights: list[float], name: str, search: dict[str, Any]) -> None:
+        from ..peft_bridge.adapters import add_combined_adapter
 
-        add_combined_adapter(self.lora_model, name, self.request(weights))
+        add_combined_adapter(self.lora_model, name, self.request(weights), search=search)
 
 
 class _PeftCandidates:
     """Candidates of one of PEFT's own types, through PEFT's `add_weighted_adapter` (re-seeded for DARE)."""
 
     def __init__(self, lora_model: Any, adapters: list[str], combination_type: str, svd_rank: Any, options: dict):
-        missing = [name for name in adapters if name not in lora_model.peft_config]
-        if missing:
-            raise MergeInputError(
-                f"Unknown adapter(s) {missing}; the model has: {', '.join(map(repr, lora_model.peft_config))}."
-            )
+        from ..engine.request import resolve_request
+
+        resolve_request(lora_model.peft_config, adapters, [1.0] * len(adapters), combination_type, svd_rank, options)
         self.lora_model, self.adapters, self.combination_type = lora_model, adapters, combination_type
         self.arguments = {"svd_rank": svd_rank, **options}
         self.created = False
@@ -224,18 +222,19 @@ class _PeftCandidates:
 
     def remove(self, name: str) -> None:
         if self.created:
-            _delete(self.lora_model, name)
+            delete_adapter(self.lora_model, name)
             self.created = False
 
-    def add_final(self, weights: list[float], name: str) -> None:
+    def add_final(self, weights: list[float], name: str, search: dict[str, Any]) -> None:
+        from ..peft_bridge.adapters import get_lineage
+
         self._add(weights, name)
-        _freeze_adapter(self.lora_model, name)
-
-
-def _slot_rank(module: Any, name: str) -> int:
-    if name in getattr(module, "lora_embedding_A", {}):
-        return module.lora_embedding_A[name].shape[0]
-    return module.lora_A[name].weight.shape[0]
+        for parameter_name, parameter in self.lora_model.model.named_parameters():
+            if f".{name}." in parameter_name or parameter_name.endswith(f".{name}"):
+                parameter.requires_grad_(False)
+        lineage = get_lineage(self.lora_model.peft_config[name])
+        if lineage is not None:
+            lineage.search = search
 
 
 def _pad(delta: Any, rank: int) -> Any:
@@ -250,24 +249,6 @@ def _pad(delta: Any, rank: int) -> Any:
     b = torch.cat([delta.B, delta.B.new_zeros(delta.B.shape[0], extra)], dim=1)
     a = torch.cat([delta.A, delta.A.new_zeros(extra, delta.A.shape[1])], dim=0)
     return LowRankDelta(b, a)
-
-
-def _delete(lora_model: Any, name: str) -> None:
-    if name in lora_model.peft_config:
-        active = [adapter for adapter in lora_model.active_adapters if adapter != name]
-        if len(active) != len(lora_model.active_adapters):  # deactivate first: PEFT warns when deleting an active one
-            others = [adapter for adapter in lora_model.peft_config if adapter != name]
-            lora_model.set_adapter(active or others[:1])
-        lora_model.delete_adapter(name)
-    reports = lora_model.__dict__.get("peft_merge_ext_reports")
-    if reports is not None:
-        reports.pop(name, None)
-
-
-def _freeze_adapter(lora_model: Any, name: str) -> None:
-    for parameter_name, parameter in lora_model.model.named_parameters():
-        if f".{name}." in parameter_name or parameter_name.endswith(f".{name}"):
-            parameter.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,10 +484,9 @@ def search_weights(
         candidates = _PeftCandidates(lora_model, adapters, combination_type, svd_rank, options)
         candidates.seed = seed
     else:
-        raise UnknownCombinationTypeError(
-            f"Unknown combination_type {combination_type!r}. Registered types: {', '.join(sorted(types))}; PEFT's "
-            f"types: {', '.join(sorted(PEFT_COMBINATION_TYPES))}."
-        )
+        from ..engine.request import unknown_type_error
+
+        raise unknown_type_error(combination_type)
     score = _make_objective(objective, tokenizer, batch_size)
 
     from tqdm.auto import tqdm
@@ -564,10 +544,20 @@ def search_weights(
         raise EvaluationInputError(
             "The objective was not finite for any trial; check the objective, the adapters and the bounds." + detail
         )
+    search = {
+        "optimizer": "optuna" if optuna is not None else "builtin",
+        "budget": budget,
+        "trials": len(history),
+        "seed": seed,
+        "bounds": [list(pair) for pair in box],
+        "best_value": value,
+        "initial_weights": list(history[0].weights),
+        "initial_value": history[0].value,
+    }
     try:
-        candidates.add_final(weights, adapter_name)
+        candidates.add_final(weights, adapter_name, search)
     finally:
-        state.restore()
+        state.restore(keep=[adapter_name])
     return SearchResult(
         weights=weights,
         value=value,
@@ -584,19 +574,6 @@ def search_weights(
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def _adapter_names(paths: Sequence[str]) -> list[str]:
-    from pathlib import Path
-
-    names: list[str] = []
-    for path in paths:
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).resolve().name) or "adapter"
-        name, number = base, 2
-        while name in names:
-            name, number = f"{base}_{number}", number + 1
-        names.append(name)
-    return names
 
 
 def _read_eval_file(path: str) -> list[Any]:
@@ -624,7 +601,7 @@ def run_search_cli(args: Any) -> int:
         args (`argparse.Namespace`): `base`, `adapter` (list of folders), `eval_file` (JSONL, one `{"text": ...}`
             per line; `{"prompt", "completion"}` also works), and optionally `method` (default `"weighted"`),
             `budget` (40), `seed` (0), `out` (a folder for the searched adapter plus `search.json`), `svd_rank`,
-            `bounds` ((low, high)), `optimizer`, `device`, `batch_size`.
+            `device`, `batch_size`.
 
     Returns:
         `int`: The exit code (0).
@@ -632,8 +609,7 @@ def run_search_cli(args: Any) -> int:
     from pathlib import Path
 
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     adapters = list(getattr(args, "adapter", None) or [])
     if not adapters:
@@ -657,21 +633,18 @@ def run_search_cli(args: Any) -> int:
                 "tokenizer next to the base model (tokenizer.save_pretrained(base_folder))."
             )
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(args.base).to(device)
-    names = _adapter_names(adapters)
-    model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
-    for path, name in zip(adapters[1:], names[1:], strict=True):
-        model.load_adapter(path, adapter_name=name)
+    from ..peft_bridge.loading import load_peft_model
+
+    model, names = load_peft_model(args.base, adapters)
+    model.to(device)
     result = search_weights(
         model,
         names,
         examples,
         combination_type=getattr(args, "method", None) or "weighted",
         budget=getattr(args, "budget", None) or 40,
-        bounds=getattr(args, "bounds", None),
         seed=getattr(args, "seed", None) or 0,
         svd_rank=getattr(args, "svd_rank", None),
-        optimizer=getattr(args, "optimizer", None) or "auto",
         tokenizer=tokenizer,
         batch_size=getattr(args, "batch_size", None) or 8,
     )
@@ -683,9 +656,12 @@ def run_search_cli(args: Any) -> int:
         import shutil
         import tempfile
 
-        from ..checkpoint.writer import atomic_directory
+        from ..checkpoint.output_folder import output_folder
 
-        with atomic_directory(out) as folder, tempfile.TemporaryDirectory(dir=folder) as scratch:
+        with (
+            output_folder(out, inputs=[args.base, *adapters]) as folder,
+            tempfile.TemporaryDirectory(dir=folder) as scratch,
+        ):
             model.save_pretrained(scratch, selected_adapters=[result.adapter_name])
             saved = Path(scratch) / result.adapter_name
             saved = saved if saved.is_dir() else Path(scratch)

@@ -57,7 +57,7 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `peft-merge-ext`."""
     parser = _Parser(prog="peft-merge-ext", description="Merge LoRA adapters: plugins, streaming merges, recipes.")
-    from ._version import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"peft-merge-ext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="Print the plan and validation problems; write nothing.")
     run.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     run.add_argument("--quiet", action="store_true", help="No progress bar.")
+    run.add_argument("--allow-pickle", action="store_true", help="Accept .bin pickle weights (weights_only).")
+    run.add_argument("--device", help="Where deltas are computed, e.g. cuda (default: cpu).")
 
     upload = commands.add_parser("upload", help="Upload a merged folder (e.g. after a failed push).")
     upload.add_argument("folder", help="The folder to upload.")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from .errors import MergeInputError
+    from ..errors import MergeInputError
 
     options: dict[str, Any] = {}
     if args.t is not None:
@@ -128,7 +130,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command_plugins(args: argparse.Namespace) -> int:
-    from .plugins.registry import get_combination_types, get_plugins
+    from ..plugins.registry import get_combination_types, get_plugins
 
     types = get_combination_types()
     plugins = [
@@ -158,7 +160,7 @@ def _command_plugins(args: argparse.Namespace) -> int:
 
 
 def _command_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.out)
     return 0
@@ -179,7 +181,7 @@ def _print_result(result: Any) -> None:
 
 
 def _command_merge(args: argparse.Namespace) -> int:
-    from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
+    from ..publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
 
     options = _options(args)
     common = {
@@ -213,22 +215,35 @@ def _command_merge(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .recipe import load_recipe, run_recipe
+    from ..recipe import load_recipe
+    from .recipe_runner import run_recipe
 
     recipe = load_recipe(Path(args.recipe))
+    common = {"allow_pickle": args.allow_pickle, "device": args.device, "recipe_file": args.recipe}
     if args.dry_run:
-        plan = run_recipe(recipe, dry_run=True)
-        print(plan.describe())
-        return EXIT_BAD_INPUT if plan.problems else 0
-    _print_result(run_recipe(recipe, quiet=args.quiet, overwrite=args.overwrite))
+        problems = 0
+        for index, plan in enumerate(run_recipe(recipe, dry_run=True, **common)):
+            if len(recipe.steps) > 1:
+                print(f"Step {index + 1} of {len(recipe.steps)}:")
+            if plan is None:
+                print("(reads the output of an earlier step, or runs in memory with PEFT: planned when it runs)")
+                continue
+            print(plan.describe())
+            problems += len(plan.problems)
+        return EXIT_BAD_INPUT if problems else 0
+    for result in run_recipe(recipe, quiet=args.quiet, overwrite=args.overwrite, **common):
+        if hasattr(result, "report"):
+            _print_result(result)
+        else:
+            print(f"Written to {result} (in memory, by PEFT's own combination type).")
     return 0
 
 
 def _command_upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .errors import MergeInputError
-    from .publish.hub import upload_folder
+    from ..errors import MergeInputError
+    from ..publish.hub import upload_folder
 
     if not Path(args.folder).is_dir():
         raise MergeInputError(f"{args.folder} is not a folder.")
@@ -246,9 +261,9 @@ def _command_upload(args: argparse.Namespace) -> int:
 
 def _command_search(args: argparse.Namespace) -> int:
     try:
-        from .search.weight_search import run_search_cli
+        from ..search.weight_search import run_search_cli
     except ImportError as error:
-        from .errors import MergeInputError
+        from ..errors import MergeInputError
 
         raise MergeInputError(f"Weight search is not available in this installation ({error}).") from None
     return int(run_search_cli(args) or 0)
@@ -271,7 +286,7 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `peft-merge-ext` with `argv` (default: `sys.argv[1:]`) and return the exit code."""
     args = build_parser().parse_args(argv)
-    from .errors import HubUploadError, PeftMergeExtError
+    from ..errors import HubUploadError, PeftMergeExtError
 
     try:
         return _COMMANDS[args.command](args)

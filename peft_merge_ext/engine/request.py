@@ -1,0 +1,260 @@
+"""The request resolver: every entry point turns its arguments into one validated `MergeRequest` here.
+
+One place decides the default method (one adapter: merged as it is; several: `weighted`), the default weights (1.0
+each), the options (the type's declared options only), the one error for an unknown combination type, and whether
+the adapters can be represented by the combination contract. Nothing is computed or modified before this succeeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AdapterCompatibilityError, CombinationError, MergeInputError, UnknownCombinationTypeError
+
+__all__ = [
+    "PEFT_ONLY_ARGUMENTS",
+    "MergeRequest",
+    "check_adapter_configs",
+    "check_weights",
+    "resolve_request",
+    "unknown_type_error",
+]
+
+# PEFT keyword arguments that only PEFT's own types use, with their defaults.
+PEFT_ONLY_ARGUMENTS = {
+    "svd_clamp": None,
+    "svd_full_matrices": True,
+    "svd_driver": None,
+    "density": None,
+    "majority_sign_method": "total",
+}
+
+
+@dataclass
+class MergeRequest:
+    """A validated merge request.
+
+    Args:
+        adapters (`list[str]`): The input adapters, in order.
+        weights (`list[float]`): One finite weight per adapter.
+        method (`str`, *optional*): The combination type; `None` when one adapter is merged as it is.
+        options (`dict`): The type's options with defaults filled in (PEFT's own arguments for PEFT's types).
+        svd_rank (`int`, *optional*): Upper bound on the merged rank per module.
+        combination (`CombinationType`, *optional*): The registered plugin type, `None` for as-is and PEFT's types.
+    """
+
+    adapters: list[str]
+    weights: list[float]
+    method: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    svd_rank: int | None = None
+    combination: Any = None
+
+    @property
+    def is_peft_type(self) -> bool:
+        """Whether the method is one of PEFT's own `add_weighted_adapter` types."""
+        from ..plugins.registry import PEFT_COMBINATION_TYPES
+
+        return self.method in PEFT_COMBINATION_TYPES
+
+    @property
+    def provider(self) -> str:
+        """Who computes the combination: the plugin, `"peft"` or `"peft-merge-ext"` (as-is)."""
+        if self.combination is not None:
+            return self.combination.provider
+        return "peft" if self.is_peft_type else "peft-merge-ext"
+
+
+def unknown_type_error(name: Any, *, peft_types_allowed: bool = True) -> UnknownCombinationTypeError:
+    """The one error for a combination type nobody provides."""
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
+
+    types = sorted(get_combination_types())
+    if name in PEFT_COMBINATION_TYPES and not peft_types_allowed:
+        return UnknownCombinationTypeError(
+            f"combination_type={name!r} is one of PEFT's own types, which run in memory through PEFT's "
+            "add_weighted_adapter (load the adapters with PEFT, or run the recipe with `peft-merge-ext run`, which "
+            f"does); the streamed merge takes the registered types: {', '.join(types)}. 'weighted' is the exact "
+            "equivalent of 'linear'/'cat'."
+        )
+    return UnknownCombinationTypeError(
+        f"Unknown combination_type {name!r}. Registered types: {', '.join(types) or 'none'} (see `peft-merge-ext "
+        f"plugins`); PEFT's types: {', '.join(sorted(PEFT_COMBINATION_TYPES))}."
+    )
+
+
+def check_weights(weights: Any, count: int) -> list[float]:
+    """Validate the weights of a merge (`None`: 1.0 each) and return them as floats.
+
+    Raises:
+        `MergeInputError`: When the weights are not `count` finite numbers.
+    """
+    if weights is None:
+        return [1.0] * count
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise MergeInputError(f"weights must be a list of numbers, one per adapter, got {_short(weights)}.")
+    if len(weights) != count:
+        raise MergeInputError(
+            f"Got {len(weights)} weight(s) for {count} adapter(s): pass exactly one weight per adapter."
+        )
+    result = []
+    for weight in weights:
+        if isinstance(weight, bool):
+            raise MergeInputError(f"weights must be numbers, got a bool ({weight!r}).")
+        try:
+            value = float(weight)
+        except (TypeError, ValueError, OverflowError):
+            raise MergeInputError(f"weights must be numbers, got {_short(weight)}.") from None
+        if not math.isfinite(value):
+            raise MergeInputError(f"weights must be finite, got {weight!r}.")
+        result.append(value)
+    return result
+
+
+def check_adapter_configs(configs: Mapping[str, Any], adapters: Sequence[str]) -> None:
+    """Refuse adapters whose config has features the combination contract cannot represent, or non-finite scaling.
+
+    A LoRA config is recognised by `peft_type == "LORA"` (PEFT's `PeftType` is a `str` enum), which holds for
+    `peft.LoraConfig` and for the configs `checkpoint.adapter_files` parses without importing PEFT, and not for
+    AdaLoRA and the other PEFT types.
+    """
+    for adapter in adapters:
+        config = configs[adapter]
+        if getattr(config, "peft_type", None) != "LORA":
+            raise AdapterCompatibilityError(
+                f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only "
+                "LoRA adapters can be combined."
+            )
+        if getattr(config, "use_dora", False):
+            raise AdapterCompatibilityError(
+                f"Adapter {adapter!r} uses DoRA (use_dora=True): its update is not B @ A and cannot be combined "
+                "exactly. Merge it into the base on its own, or retrain it as plain LoRA."
+            )
+        if getattr(config, "lora_bias", False):
+            raise AdapterCompatibilityError(
+                f"Adapter {adapter!r} has lora_bias=True: its bias update cannot be expressed as low-rank factors."
+            )
+        if getattr(config, "target_parameters", None):
+            raise AdapterCompatibilityError(
+                f"Adapter {adapter!r} targets nn.Parameter (target_parameters); those cannot be combined."
+            )
+        if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+            raise AdapterCompatibilityError(
+                f"Adapter {adapter!r} also trains full modules (modules_to_save / trainable_token_indices): those are "
+                "dense copies, not LoRA factors, and would be silently dropped. Combine adapters without them."
+            )
+        alphas = [getattr(config, "lora_alpha", 1), *(getattr(config, "alpha_pattern", None) or {}).values()]
+        for alpha in alphas:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise MergeInputError(
+                    f"Adapter {adapter!r} has lora_alpha {_short(alpha)} (in lora_alpha or alpha_pattern); it must "
+                    "be a finite number. Fix adapter_config.json."
+                )
+
+
+def resolve_request(
+    configs: Mapping[str, Any],
+    adapters: Any,
+    weights: Any = None,
+    method: str | None = None,
+    svd_rank: Any = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    peft_types_allowed: bool = True,
+    peft_arguments: Mapping[str, Any] | None = None,
+) -> MergeRequest:
+    """Validate a merge request and fill in its defaults.
+
+    Args:
+        configs (`Mapping[str, Any]`): Adapter name -> its LoRA config (`peft.LoraConfig` or a parsed file config).
+        adapters (`Sequence[str]`): The adapters to merge.
+        weights (`Sequence[float]`, *optional*): One weight per adapter, 1.0 each by default.
+        method (`str`, *optional*): A registered type, one of PEFT's, or `None` (one adapter as it is; several
+            combined with `weighted`).
+        svd_rank (`int`, *optional*): Upper bound on the merged rank per module.
+        options (`Mapping`, *optional*): The type's options.
+        peft_types_allowed (`bool`, *optional*, defaults to `True`): Whether PEFT's own types can run here (they need
+            a live PEFT model).
+        peft_arguments (`Mapping`, *optional*): PEFT-only keyword arguments given to a plugin type through the
+            drop-in `add_weighted_adapter`; refused unless they keep PEFT's defaults.
+
+    Raises:
+        `MergeInputError`: Unknown adapters, bad weights, unknown options or PEFT-only arguments.
+        `UnknownCombinationTypeError`: For a type nobody provides.
+        `AdapterCompatibilityError`: For adapters the contract cannot represent.
+    """
+    from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
+
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+        raise MergeInputError(f"adapters must be a non-empty list of adapter names, got {_short(adapters)}.")
+    adapters = list(adapters)
+    duplicates = [name for name, count in Counter(adapters).items() if count > 1]
+    if duplicates:
+        raise MergeInputError(
+            f"Adapter(s) {duplicates} appear more than once; give each adapter once with its weight."
+        )
+    missing = [name for name in adapters if name not in configs]
+    if missing:
+        raise MergeInputError(
+            f"Unknown adapter(s) {missing}; the model has: {', '.join(map(repr, configs)) or 'none'}."
+        )
+    weights = check_weights(weights, len(adapters))
+    options = dict(options or {})
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise MergeInputError(f"svd_rank must be a positive integer or None, got {_short(svd_rank)}.")
+    if method is None:
+        if len(adapters) == 1:
+            if options or svd_rank is not None:
+                given = sorted(options) + (["svd_rank"] if svd_rank is not None else [])
+                raise MergeInputError(
+                    f"Options {given} belong to a combination type; pass combination_type= (e.g. 'weighted') to use "
+                    "them."
+                )
+            check_adapter_configs(configs, adapters)
+            return MergeRequest(adapters, weights, None)
+        method = "weighted"
+    if not isinstance(method, str):
+        raise unknown_type_error(method, peft_types_allowed=peft_types_allowed)
+    types = get_combination_types()
+    if method in PEFT_COMBINATION_TYPES:
+        if not peft_types_allowed:
+            raise unknown_type_error(method, peft_types_allowed=False)
+        unknown = sorted(set(options) - set(PEFT_ONLY_ARGUMENTS))
+        if unknown:
+            raise MergeInputError(
+                f"Unknown option(s) {', '.join(map(repr, unknown))} for PEFT's combination_type={method!r}; it "
+                f"accepts: svd_rank, {', '.join(PEFT_ONLY_ARGUMENTS)}."
+            )
+        check_adapter_configs(configs, adapters)
+        return MergeRequest(adapters, weights, method, options, svd_rank)
+    combination = types.get(method)
+    if combination is None:
+        raise unknown_type_error(method, peft_types_allowed=peft_types_allowed)
+    for name, value in (peft_arguments or {}).items():
+        if value != PEFT_ONLY_ARGUMENTS[name]:
+            raise MergeInputError(
+                f"{name}={value!r} is only used by PEFT's own combination types; combination_type={method!r} does "
+                "not take it."
+            )
+    resolved = combination.resolve_options(options)
+    try:
+        combination.check_weights(weights, resolved)
+    except (MergeInputError, CombinationError):
+        raise
+    except Exception as error:
+        raise CombinationError(
+            f"The validate function of combination_type={method!r} (from {combination.provider}) failed: "
+            f"{type(error).__name__}: {_short(error)}"
+        ) from error
+    check_adapter_configs(configs, adapters)
+    return MergeRequest(adapters, weights, method, resolved, svd_rank, combination)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages that quote user input."""
+    text = str(value) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
