@@ -127,8 +127,7 @@ def _inject(lora_model: Any, adapter_name: str) -> None:
             f"This PEFT ({version('peft')}) has no LoraModel.inject_adapter(low_cpu_mem_usage=...), which "
             "peft-merge-ext uses to create the combined adapter; install peft>=0.13."
         )
-    with _INJECT_LOCK:
-        inject(lora_model.model, adapter_name, low_cpu_mem_usage=True)
+    inject(lora_model.model, adapter_name, low_cpu_mem_usage=True)
 
 
 def create_adapter(
@@ -155,7 +154,6 @@ def create_adapter(
     """
     from ..checkpoint.adapter_output import combined_adapter_config
     from .adapter_state import delete_adapter
-    from .layers import write_factors
 
     check_new_adapter_name(lora_model, adapter_name)
     base_config = lora_model.peft_config[template]
@@ -170,28 +168,36 @@ def create_adapter(
     active_before = list(lora_model.active_adapters)
     lora_model.peft_config[adapter_name] = config
     try:
-        _inject(lora_model, adapter_name)
-        for module, delta in merged:
-            layer = module.handle
-            if adapter_name not in getattr(layer, "lora_A", {}) and adapter_name not in getattr(
-                layer, "lora_embedding_A", {}
-            ):
-                raise CombinationError(f"PEFT did not create adapter {adapter_name!r} at {module.name!r}.")
-            write_factors(layer, adapter_name, delta, module.storage_dtype)
-            layer.scaling[adapter_name] = 1.0
-        if list(lora_model.active_adapters) != active_before:
-            lora_model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
-        for name, parameter in lora_model.model.named_parameters():
-            if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-                if parameter.device.type == "meta":
-                    raise CombinationError(
-                        f"Creating adapter {adapter_name!r} left {name} on the meta device: another thread was "
-                        "creating modules under accelerate's init_empty_weights at the same time. Retry."
-                    )
-                parameter.requires_grad = False
+        with _INJECT_LOCK:  # no other creation may run while the patch is in place or parameters are being set
+            _fill(lora_model, adapter_name, merged)
     except BaseException:
         delete_adapter(lora_model, adapter_name, active_before)
         lora_model.peft_config.pop(adapter_name, None)
         raise
+    if list(lora_model.active_adapters) != active_before:
+        lora_model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
     set_lineage(config, lineage)
     set_report(config, report)
+
+
+def _fill(lora_model: Any, adapter_name: str, merged: Sequence[tuple[Any, LowRankDelta]]) -> None:
+    """Create the adapter's layers with PEFT and store the merged factors in them (frozen)."""
+    from .layers import write_factors
+
+    _inject(lora_model, adapter_name)
+    for module, delta in merged:
+        layer = module.handle
+        if adapter_name not in getattr(layer, "lora_A", {}) and adapter_name not in getattr(
+            layer, "lora_embedding_A", {}
+        ):
+            raise CombinationError(f"PEFT did not create adapter {adapter_name!r} at {module.name!r}.")
+        write_factors(layer, adapter_name, delta, module.storage_dtype)
+        layer.scaling[adapter_name] = 1.0
+    for name, parameter in lora_model.model.named_parameters():
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+            if parameter.device.type == "meta":
+                raise CombinationError(
+                    f"Creating adapter {adapter_name!r} left {name} on the meta device: another thread was creating "
+                    "modules under accelerate's init_empty_weights at the same time. Retry."
+                )
+            parameter.requires_grad = False

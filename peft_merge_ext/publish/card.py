@@ -187,6 +187,15 @@ def _summary(info: MergeInfo, method: str) -> str:
     return f"This {what} was made by combining {len(info.adapters)} LoRA adapters, {names}, with `{method}`{into}"
 
 
+def _lineage_methods(adapters: Sequence[AdapterInfo]) -> list[str]:
+    """The methods anywhere in the adapters' lineage trees, first seen first."""
+    methods: list[str] = []
+    for adapter in adapters:
+        if adapter.lineage is not None:
+            methods += [adapter.lineage.method or "single-adapter", *_lineage_methods(adapter.lineage.sources)]
+    return list(dict.fromkeys(methods))
+
+
 def _lineage(info: MergeInfo) -> str:
     if not any(adapter.lineage is not None for adapter in info.adapters):
         return ""
@@ -259,8 +268,8 @@ def build_model_card(
     info = _sanitized(info)
     name = public_name(repo_id) or "merged-model"
     method, formula = method_formula(info)
-    method_tag = info.combination_type or "single-adapter"
-    all_tags = list(dict.fromkeys([*BASE_TAGS, method_tag.replace("_", "-"), *(tags or [])]))
+    method_tags = [info.combination_type or "single-adapter", *_lineage_methods(info.adapters)]
+    all_tags = list(dict.fromkeys([*BASE_TAGS, *(m.replace("_", "-") for m in method_tags), *(tags or [])]))
     card_data = ModelCardData(
         base_model=info.base_model,
         base_model_relation=base_model_relation(info) if info.base_model else None,
