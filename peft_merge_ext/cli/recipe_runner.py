@@ -89,32 +89,28 @@ def run_recipe(
         output = step.output
         if recipe.source_dir is not None and not Path(output).expanduser().is_absolute():
             output = str(recipe.source_dir / output)
-        weights = [a.weight for a in step.adapters]
+        common = {
+            "combination_type": step.method,
+            "weights": [a.weight for a in step.adapters],
+            "dtype": step.dtype,
+            "svd_rank": step.svd_rank,
+            "allow_pickle": allow_pickle,
+            "device": device,
+            "merge_into_base": step.merge_into_base,
+            **step.options,
+        }
         if dry_run:
             if any(path in produced for path in paths) or _is_peft_type(step.method):
                 results.append(None)
             else:
                 _check_fill_in(recipe, step, paths, produced)
-                results.append(
-                    plan_checkpoint_merge(
-                        base,
-                        paths,
-                        combination_type=step.method,
-                        weights=weights,
-                        dtype=step.dtype,
-                        svd_rank=step.svd_rank,
-                        allow_pickle=allow_pickle,
-                        device=device,
-                        strict=False,
-                        merge_into_base=step.merge_into_base,
-                        **step.options,
-                    )
-                )
+                results.append(plan_checkpoint_merge(base, paths, strict=False, **common))
             produced.add(output)
             continue
         _check_fill_in(recipe, step, paths, produced)
+        push = recipe.push if last else None
         if _is_peft_type(step.method):
-            if last and recipe.push is not None:
+            if push is not None:
                 raise MergeInputError(
                     "A recipe whose last step uses one of PEFT's own types cannot push; run it, then `peft-merge-ext "
                     "upload` the output."
@@ -126,20 +122,13 @@ def run_recipe(
                     base,
                     paths,
                     out=output,
-                    combination_type=step.method,
-                    weights=weights,
-                    dtype=step.dtype,
-                    svd_rank=step.svd_rank,
-                    allow_pickle=allow_pickle,
-                    device=device,
                     overwrite=overwrite,
                     quiet=quiet,
-                    merge_into_base=step.merge_into_base,
                     inputs=inputs,
-                    push_to=recipe.push.repo_id if (last and recipe.push) else None,
-                    private=recipe.push.private if (last and recipe.push) else None,
+                    push_to=push.repo_id if push else None,
+                    private=push.private if push else None,
                     token=token,
-                    **step.options,
+                    **common,
                 )
             )
         produced.add(output)

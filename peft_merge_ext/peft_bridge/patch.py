@@ -160,19 +160,22 @@ def _loaded_class(module_name: str, class_name: str) -> type | None:
     return value if isinstance(value, type) else None
 
 
+def _loaded_owners(on_peft_model: Any) -> list[type]:
+    """The imported classes that get `save_merged` / `push_merged`; `on_peft_model` is applied to `PeftModel`."""
+    peft_model = _loaded_class("peft.peft_model", "PeftModel")
+    if peft_model is not None:
+        on_peft_model(peft_model)
+    owners = [_loaded_class(module_name, class_name) for module_name, class_name in _METHOD_OWNERS]
+    return [cls for cls in owners if cls is not None]
+
+
 def attach_methods() -> None:
     """Add `save_merged` / `push_merged` to PEFT's `PeftModel` and transformers' `PreTrainedModel`, for each class
     whose module is already imported, and make `PeftModel` keep lineage records across `save_pretrained` /
     `from_pretrained`. A method a library defines itself is never replaced (idempotent)."""
     from .persistence import wrap_peft_model
 
-    peft_model = _loaded_class("peft.peft_model", "PeftModel")
-    if peft_model is not None:
-        wrap_peft_model(peft_model)
-    for module_name, class_name in _METHOD_OWNERS:
-        cls = _loaded_class(module_name, class_name)
-        if cls is None:
-            continue
+    for cls in _loaded_owners(wrap_peft_model):
         for name, method in _METHODS.items():
             current = cls.__dict__.get(name)
             if current is None or getattr(current, _METHOD_MARKER, False):
@@ -183,13 +186,7 @@ def detach_methods() -> None:
     """Remove the methods added by `attach_methods` (idempotent)."""
     from .persistence import unwrap_peft_model
 
-    peft_model = _loaded_class("peft.peft_model", "PeftModel")
-    if peft_model is not None:
-        unwrap_peft_model(peft_model)
-    for module_name, class_name in _METHOD_OWNERS:
-        cls = _loaded_class(module_name, class_name)
-        if cls is None:
-            continue
+    for cls in _loaded_owners(unwrap_peft_model):
         for name in _METHODS:
             if getattr(cls.__dict__.get(name), _METHOD_MARKER, False):
                 delattr(cls, name)

@@ -193,16 +193,9 @@ def plan_checkpoint_merge(
             checkpoint = BaseCheckpoint(base_folder, allow_pickle)
     elif merge_into_base:
         raise MergeInputError("A merge into the base needs the base model: pass base=.")
+    label = str(base) if base is not None else "(none: adapter only)"
     plan = MergePlan(
-        base=str(base) if base is not None else "(none: adapter only)",
-        base_folder=base_folder,
-        base_config=base_config,
-        source=source,
-        request=request,
-        checkpoint=checkpoint,
-        out_dtype=out_dtype,
-        merge_into_base=merge_into_base,
-        device=target_device,
+        label, base_folder, base_config, source, request, checkpoint, out_dtype, merge_into_base, target_device
     )
     _check_provenance(plan)
     if checkpoint is not None:
