@@ -4,34 +4,32 @@
 exists or can be created, so a bad token or missing write access fails in seconds. `upload_files` then sends exactly
 the files the merge wrote, never anything else lying in the folder; `upload_folder` sends a whole folder.
 
-Every failure raises one `HubUploadError` that says what went wrong, what to do about it, and how to retry from the
-local folder, which is never modified or deleted. The token is never logged nor put in a message.
+Every failure raises one `HubUploadError` that says what went wrong, what to do about it (`hub_errors`), and how to
+retry from the local folder, which is never modified or deleted. The token is never logged nor put in a message. The
+local names are checked before any network call (`hub_files`).
 
 `huggingface_hub` is imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any
 
 from ..errors import HubUploadError
+from .hub_errors import describe_failure, raise_masked, without_token
+from .hub_files import checked_files, checked_names, folder_files, list_files
 
 __all__ = ["DEFAULT_COMMIT_MESSAGE", "HubTarget", "check_hub_access", "upload_files", "upload_folder"]
 
 DEFAULT_COMMIT_MESSAGE = "Upload merged model with peft-merge-ext"
-# Folders that are never uploaded: git metadata and huggingface_hub's local upload/download metadata.
-_SKIPPED_FOLDERS = (".git", ".cache/huggingface")
 _COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 _PULL_REQUEST_REF = re.compile(r"refs/pr/(\d+)")
-_MASK = "hf_***"
-_SEPARATORS = r"[/\\]" if os.sep == "\\" else "/"
 
 
 @dataclass(frozen=True)
@@ -124,12 +122,12 @@ def check_hub_access(
                     "uploaded."
                 )
     except HubUploadError as error:
-        raise HubUploadError(_without_token(str(error), resolved)) from None
+        raise HubUploadError(without_token(str(error), resolved)) from None
     except Exception as error:
-        message = _describe_failure(
+        message = describe_failure(
             error, step=step, repo_id=repo_id, revision=revision, endpoint=api.endpoint, action="Pre-flight check of"
         )
-        _raise_masked(f"{message} Nothing was uploaded.", error, resolved)
+        raise_masked(f"{message} Nothing was uploaded.", error, resolved)
     return HubTarget(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr, token=resolved)
 
 
@@ -175,11 +173,11 @@ def upload_files(
     if not isinstance(target, HubTarget):
         raise HubUploadError(f"target must be a HubTarget (see check_hub_access), got {type(target).__name__}.")
     folder_path = Path(folder).expanduser().resolve()
-    names = _checked_names(files, folder_path)
+    names = checked_names(files, folder_path)
     retry = _retry_hint(folder_path, target, names, commit_message)
     repo_id = _checked_repo_id(target.repo_id, require_namespace=False, retry=retry)
     _check_options(private=target.private, revision=target.revision, create_pr=target.create_pr)
-    local_files = _checked_files(folder_path, names, retry)
+    local_files = checked_files(folder_path, names, retry)
     return _commit(local_files, target, retry, repo_id, commit_message, commit_description)
 
 
@@ -237,7 +235,7 @@ def upload_folder(
     target = HubTarget(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr, token=None)
     retry = _retry_hint(folder_path, target, None, commit_message)
     _checked_repo_id(repo_id, require_namespace=False, retry=retry)
-    names = _list_files(folder_path, retry)
+    names = list_files(folder_path, retry)
     resolved = _resolve_token(token, retry)
     target = HubTarget(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr, token=resolved)
     return upload_files(
@@ -278,8 +276,8 @@ def _commit(
             create_pr=create_pr,
         )
     except Exception as error:
-        message = _describe_failure(error, step=step, repo_id=repo_id, revision=revision, endpoint=api.endpoint)
-        _raise_masked(f"{message} {retry}", error, token)
+        message = describe_failure(error, step=step, repo_id=repo_id, revision=revision, endpoint=api.endpoint)
+        raise_masked(f"{message} {retry}", error, token)
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
 
 
@@ -290,13 +288,6 @@ def _api(token: str) -> Any:
 
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     return HfApi(endpoint=endpoint, token=token, library_name="peft-merge-ext", library_version=__version__)
-
-
-def _raise_masked(message: str, error: BaseException, token: str) -> NoReturn:
-    """Raise `HubUploadError(message)` from `error`, with the token masked and the cause dropped if it shows it."""
-    failure = HubUploadError(_without_token(message, token))
-    echoed = any(token in str(cause) for cause in _causes(error))  # e.g. a proxy echoing the request headers
-    raise failure from (None if echoed else error)
 
 
 def _checked_repo_id(repo_id: object, *, require_namespace: bool, retry: str = "") -> str:
@@ -329,88 +320,6 @@ def _check_options(*, private: object, revision: object, create_pr: object) -> N
         raise HubUploadError(f"revision must be a branch name or 'refs/pr/N', got {revision!r}.")
     if not isinstance(create_pr, bool):
         raise HubUploadError(f"create_pr must be True or False, got {create_pr!r}.")
-
-
-def _skipped(name: str) -> bool:
-    return any(name == skip or name.startswith(f"{skip}/") for skip in _SKIPPED_FOLDERS) or ".git" in name.split("/")
-
-
-def _folder_files(folder: Path) -> list[str]:
-    """Every file of `folder` that `upload_folder` sends (path in repo), sorted: for an output folder of
-    peft-merge-ext, exactly the files its merge wrote (listed in its manifest); else every file."""
-    from .output import read_manifest
-
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    if manifest is not None:
-        return sorted(manifest[0])
-    names = []
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and not _skipped(name):
-            names.append(name)
-    return names
-
-
-def _list_files(folder: Path, retry: str) -> list[str]:
-    """The files `upload_folder` sends; raises before any network call if there are none."""
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise HubUploadError(f"Cannot upload {folder}: it {what}. Pass the folder a merge was saved to. {retry}")
-    names = _folder_files(folder)
-    if not names:
-        raise HubUploadError(f"Cannot upload {folder}: it contains no files. {retry}")
-    return names
-
-
-def _checked_names(files: Iterable[str | os.PathLike], folder: Path) -> list[str]:
-    """The listed names as paths in the repository (`/`-separated, deduplicated, in order); refuses unsafe names."""
-    if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, Iterable):
-        raise HubUploadError(
-            f"files must be a list of file names relative to {folder}, got {type(files).__name__} {files!r}."
-        )
-    names: list[str] = []
-    for entry in files:
-        raw = os.fspath(entry) if isinstance(entry, (str, os.PathLike)) else entry
-        if not isinstance(raw, str) or not raw.strip():
-            raise HubUploadError(f"Cannot upload {entry!r} from {folder}: file names must be non-empty strings.")
-        if PurePosixPath(raw).is_absolute() or PureWindowsPath(raw).is_absolute() or PureWindowsPath(raw).drive:
-            raise HubUploadError(f"Cannot upload {raw!r}: names must be relative to the folder {folder}.")
-        parts = [part for part in re.split(_SEPARATORS, raw) if part not in ("", ".")]
-        if ".." in parts:
-            raise HubUploadError(f"Cannot upload {raw!r}: names may not contain '..' (the folder is {folder}).")
-        if not parts:
-            raise HubUploadError(f"Cannot upload {raw!r} from {folder}: it names the folder itself, not a file.")
-        name = "/".join(parts)
-        if _skipped(name):
-            raise HubUploadError(f"Cannot upload {raw!r}: .git/ and .cache/huggingface/ are never uploaded.")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise HubUploadError(f"Cannot upload from {folder}: no files were listed.")
-    return names
-
-
-def _checked_files(folder: Path, names: Sequence[str], retry: str) -> list[tuple[str, Path]]:
-    """(path in repo, resolved local path) for each name; each must be a regular file inside `folder`."""
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise HubUploadError(f"Cannot upload {folder}: it {what}. Pass the folder a merge was saved to. {retry}")
-    files = []
-    for name in names:
-        local = folder.joinpath(*name.split("/"))
-        resolved = local.resolve()
-        if resolved != folder and folder not in resolved.parents:
-            raise HubUploadError(
-                f"Cannot upload {name!r}: it is a symlink to {resolved}, outside the folder {folder}. Copy the file "
-                f"into the folder instead. {retry}"
-            )
-        if resolved != local and _skipped(resolved.relative_to(folder).as_posix()):
-            raise HubUploadError(f"Cannot upload {name!r}: it links into .git/ or .cache/huggingface/. {retry}")
-        if not resolved.is_file():
-            what = "does not exist" if not local.exists() else "is not a regular file"
-            raise HubUploadError(f"Cannot upload {name!r}: {local} {what}. {retry}")
-        files.append((name, resolved))
-    return files
 
 
 def _resolve_token(token: str | bool | None, retry: str) -> str:
@@ -477,7 +386,7 @@ def _write_access_problem(info: Any, repo_id: str, *, create_pr: bool) -> str | 
 
 def _retry_hint(folder: Path, target: HubTarget, names: Sequence[str] | None, commit_message: str | None) -> str:
     """How to redo the same upload: the `peft-merge-ext upload` command when it would send the same files."""
-    whole_folder = names is None or (folder.is_dir() and set(names) == set(_folder_files(folder)))
+    whole_folder = names is None or (folder.is_dir() and set(names) == set(folder_files(folder)))
     message = commit_message if commit_message and commit_message != DEFAULT_COMMIT_MESSAGE else None
     if whole_folder:
         command = ["peft-merge-ext", "upload", shlex.quote(str(folder)), shlex.quote(str(target.repo_id))]
@@ -493,7 +402,7 @@ def _retry_hint(folder: Path, target: HubTarget, names: Sequence[str] | None, co
             f"The local folder {folder} is kept unchanged; once fixed, retry with `{' '.join(command)}` or "
             f"`push_merged(..., local_dir={str(folder)!r})`."
         )
-    others = len(_folder_files(folder)) - len(names) if folder.is_dir() else 0
+    others = len(folder_files(folder)) - len(names) if folder.is_dir() else 0
     options = [repr(target.repo_id)]
     if target.private is not None:
         options.append(f"private={target.private!r}")
@@ -522,91 +431,3 @@ def _branch_to_create(api, repo_id: str, revision: str | None) -> str | None:
         return None
     branch = revision.removeprefix("refs/heads/")
     return None if branch in {ref.name for ref in api.list_repo_refs(repo_id).branches} else branch
-
-
-def _causes(error: BaseException) -> Iterable[BaseException]:
-    """The error and the errors it was raised from, outermost first."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _network_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [OSError]  # requests' and the standard library's connection errors
-    for module_name in ("httpx2", "httpx"):  # the HTTP clients huggingface_hub uses (version dependent)
-        try:
-            types.append(importlib.import_module(module_name).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(types)
-
-
-def _describe_failure(
-    error: Exception,
-    *,
-    step: str,
-    repo_id: str,
-    revision: str | None,
-    endpoint: str,
-    action: str = "Uploading to",
-) -> str:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    causes = list(_causes(error))
-    http_error = next((cause for cause in causes if isinstance(cause, HfHubHTTPError)), None)
-    response = getattr(http_error, "response", None)
-    status = getattr(response, "status_code", None)
-    prefix = f"{action} {repo_id} failed while {step}"
-    if isinstance(http_error, RevisionNotFoundError):
-        return f"{prefix}: the revision {revision!r} does not exist in {repo_id} (404)."
-    if isinstance(http_error, RepositoryNotFoundError):
-        return (
-            f"{prefix}: the repository {repo_id} was not found or is not visible with this token ({status}). Check "
-            "the repo id and that the token's account or organization owns it."
-        )
-    if status == 401:
-        return (
-            f"{prefix}: the Hub rejected the token (401 Unauthorized); it is invalid or expired. Create a token "
-            "with write access at https://huggingface.co/settings/tokens, then log in again with "
-            "`hf auth login` or set HF_TOKEN."
-        )
-    if status == 403:
-        return (
-            f"{prefix}: the token is not allowed to write to {repo_id} (403 Forbidden). Use a token with write "
-            "access to that namespace (a fine-grained token needs write permission on the repo or organization)."
-        )
-    if status == 404:
-        return f"{prefix}: not found (404): {_server_message(http_error)} Check the repo id and revision."
-    if status in (409, 412):
-        return f"{prefix}: the repository changed during the upload ({status}); retrying usually works."
-    if status == 429:
-        return f"{prefix}: the Hub rate limit was hit (429); wait a few minutes before retrying."
-    if status is not None and status >= 500:
-        return (
-            f"{prefix}: the Hub had a server error (HTTP {status}); this is usually temporary, so retry later "
-            "(files already uploaded are not sent again)."
-        )
-    if status is not None:
-        # The client may wrap the HTTP error in a clearer one (e.g. "Invalid metadata in README.md" for a 400).
-        detail = _server_message(http_error) if error is http_error else " ".join(str(error).split())
-        return f"{prefix}: the Hub answered HTTP {status}: {detail}"
-    network_error = next((cause for cause in causes if isinstance(cause, _network_error_types())), None)
-    if network_error is not None:
-        return (
-            f"{prefix}: could not reach the Hub at {endpoint} ({type(network_error).__name__}: {network_error}). "
-            "Check the network connection, and HF_ENDPOINT / HF_HUB_OFFLINE if set."
-        )
-    return f"{prefix}: {type(error).__name__}: {error}"
-
-
-def _server_message(http_error) -> str:
-    message = getattr(http_error, "server_message", None) or str(http_error)
-    return " ".join(message.split())
-
-
-def _without_token(text: str, token: object) -> str:
-    """`text` with the token masked; only a non-empty string token can appear in a message."""
-    return text.replace(token, _MASK) if isinstance(token, str) and token else text
