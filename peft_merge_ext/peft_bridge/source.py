@@ -97,7 +97,7 @@ class LiveFactorSource:
             alpha=float(config.lora_alpha),
             target_modules=sorted(modules or []),
             use_rslora=bool(getattr(config, "use_rslora", False)),
-            sha256=adapter_sha256(self.base, adapter),
+            sha256=_cached_sha256(self.base, adapter, config),
             sha256_of="tensors",
             hub_id=hub_id,
             lineage=get_lineage(config),
@@ -117,8 +117,29 @@ def adapter_sha256(base: torch.nn.Module, adapter: str) -> str:
         for tensor in factor_tensors(info.module, adapter):
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
-            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
+
+
+def _cached_sha256(base: torch.nn.Module, adapter: str, config: Any) -> str:
+    """`adapter_sha256`, computed again only when a factor tensor was replaced (held by weak reference) or modified
+    in place (its version counter changed): describing the same adapter twice costs one hash."""
+    import weakref
+
+    from .adapters import _records
+
+    tensors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
+    cached = _records(config).get("sha256")
+    if cached is not None:
+        refs, versions, digest = cached
+        if len(refs) == len(tensors) and all(
+            ref() is tensor and version == tensor._version
+            for ref, version, tensor in zip(refs, versions, tensors, strict=True)
+        ):
+            return digest
+    digest = adapter_sha256(base, adapter)
+    _records(config)["sha256"] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], digest)
+    return digest
 
 
 def resolve_model(model: Any) -> LiveFactorSource:
