@@ -217,3 +217,38 @@ def test_push_merged_publishes_the_lineage(workspace, hub_server):
     card = files["README.md"].decode()
     assert "made with `slerp`" in card and "**x1** (weight 0.6" in card and "method: slerp" in card
     assert not any(name.startswith(".peft-merge-ext") for name in files)
+
+
+def test_sources_on_the_hub_are_named_by_their_hub_ids(workspace, hub_server, monkeypatch):
+    """Adapters loaded from the Hub are named by their Hub ids in the lineage and the recipe (nothing to fill in),
+    and a combined adapter published to the Hub brings its lineage back when it is loaded from there."""
+    from huggingface_hub import constants
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peft_merge_ext.peft_bridge.adapters import get_hub_id, get_lineage
+    from peft_merge_ext.publish.hub import upload_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hf-cache"))
+    for name in ("x1", "x2"):
+        upload_folder(workspace / "saved" / name, f"test-user/{name}", token=hub_server.token)
+    base = AutoModelForCausalLM.from_pretrained(workspace / "base")
+    model = PeftModel.from_pretrained(base, "test-user/x1", adapter_name="x1")
+    model.load_adapter("test-user/x2", adapter_name="x2")
+    assert get_hub_id(model.peft_config["x1"]) == "test-user/x1"
+    model.add_weighted_adapter(["x1", "x2"], [0.6, 0.4], "m", combination_type="slerp")
+    model.push_merged("test-user/m", adapters=["m"], merge_into_base=False, token=hub_server.token)
+    folder = model.save_merged(workspace / "published", adapters=["m"])
+    recipe, fill_in = _recipe_of((folder / "README.md").read_text())
+    assert [a["path"] for a in recipe["steps"][0]["adapters"]] == ["test-user/x1", "test-user/x2"] and not fill_in
+
+    fresh = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(workspace / "base"), "test-user/m", adapter_name="m"
+    )
+    lineage = get_lineage(fresh.peft_config["m"])
+    assert lineage is not None and lineage.method == "slerp"
+    assert [s.hub_id for s in lineage.sources] == ["test-user/x1", "test-user/x2"]
+    again = fresh.save_merged(workspace / "from-hub")
+    recipe, fill_in = _recipe_of((again / "README.md").read_text())
+    assert recipe["adapters"] == [{"path": "test-user/m", "weight": 1.0}] and not fill_in  # named, not rebuilt
+    _assert_same_bytes(folder, again)

@@ -204,7 +204,12 @@ class MergeInfo:
         return data
 
     def to_lineage(self) -> Lineage:
-        """The lineage record of the adapter this merge produces (for `merge_into_base=False`)."""
+        """The lineage record of the adapter this merge produces (for `merge_into_base=False`). A combined adapter
+        saved again as it is keeps its own record: copying adds no level to the tree."""
+        if self.combination_type is None and len(self.adapters) == 1:
+            source = self.adapters[0]
+            if source.weight == 1.0 and source.lineage is not None:
+                return source.lineage
         return Lineage(
             method=self.combination_type,
             provider=self.provider,
