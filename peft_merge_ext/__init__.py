@@ -67,7 +67,7 @@ _LAZY = {
     "LowRankDelta": "plugins.contract",
     "ModuleContext": "plugins.contract",
     "MergeReport": "engine.report",
-    "get_merge_report": "engine.report",
+    "get_merge_report": "peft_bridge.records",
     "MergeInfo": "engine.merge_info",
     "AdapterInfo": "engine.merge_info",
     "install": "peft_bridge.patch",
@@ -103,7 +103,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .cli.recipe_runner import run_recipe
     from .engine.merge_info import AdapterInfo, MergeInfo
-    from .engine.report import MergeReport, get_merge_report
+    from .engine.report import MergeReport
     from .errors import (
         AdapterCompatibilityError,
         CombinationError,
@@ -118,6 +118,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .lora_merger import LoRAMerger
     from .peft_bridge.patch import install, is_installed, uninstall
+    from .peft_bridge.records import get_merge_report
     from .plugins.contract import LowRankDelta, ModuleContext
     from .plugins.hookspecs import hookimpl, hookspec
     from .plugins.registry import CombinationType, get_combination_types, get_plugins, load_plugins, run_hook

@@ -181,7 +181,7 @@ def test_lineage_survives_save_pretrained_and_from_pretrained(workspace):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_merge_ext.peft_bridge.adapters import get_lineage
+    from peft_merge_ext.peft_bridge.records import get_lineage
     from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint
 
     model = _load(workspace)
@@ -226,7 +226,7 @@ def test_sources_on_the_hub_are_named_by_their_hub_ids(workspace, hub_server, mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_merge_ext.peft_bridge.adapters import get_hub_id, get_lineage
+    from peft_merge_ext.peft_bridge.records import get_hub_id, get_lineage
     from peft_merge_ext.publish.hub import upload_folder
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hf-cache"))

@@ -12,7 +12,8 @@ from conftest import add_lora, tiny_llama
 
 from peft_merge_ext.errors import EvaluationInputError, MergeInputError, UnknownCombinationTypeError
 from peft_merge_ext.search.evaluation import compute_metrics
-from peft_merge_ext.search.weight_search import SCRATCH_ADAPTER, run_search_cli, search_weights
+from peft_merge_ext.search.search_cli import run_search_cli
+from peft_merge_ext.search.weight_search import SCRATCH_ADAPTER, search_weights
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

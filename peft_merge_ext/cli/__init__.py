@@ -261,7 +261,7 @@ def _command_upload(args: argparse.Namespace) -> int:
 
 def _command_search(args: argparse.Namespace) -> int:
     try:
-        from ..search.weight_search import run_search_cli
+        from ..search.search_cli import run_search_cli
     except ImportError as error:
         from ..errors import MergeInputError
 

@@ -6,7 +6,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["MergeReport", "ModuleReport", "get_merge_report"]
+__all__ = ["MergeReport", "ModuleReport"]
 
 
 @dataclass
@@ -76,21 +76,3 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def get_merge_report(model: Any, adapter_name: str) -> MergeReport:
-    """The report of the combination that created `adapter_name` on `model` (a `PeftModel` or `LoraModel`).
-
-    Raises:
-        `KeyError`: When `adapter_name` was not made by a peft-merge-ext combination type on this model.
-    """
-    from ..peft_bridge.adapters import get_report
-
-    lora_model = getattr(model, "base_model", model)
-    configs = getattr(lora_model, "peft_config", {})
-    reports = {name: get_report(config) for name, config in configs.items() if get_report(config) is not None}
-    if adapter_name not in reports:
-        raise KeyError(
-            f"No peft-merge-ext report for adapter {adapter_name!r}; reports exist for: {sorted(reports) or 'none'}."
-        )
-    return reports[adapter_name]

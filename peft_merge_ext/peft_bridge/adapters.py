@@ -1,9 +1,6 @@
-"""Adapters inside a PEFT model: creating a combined adapter, and the records kept with each adapter.
+"""Creating combined adapters inside a PEFT model (for plugin types), and recording the lineage of PEFT's own.
 
-Records (the lineage, the merge report and the Hub id an adapter was loaded from) live on the adapter's own
-`LoraConfig` object, outside its dataclass fields: they follow the adapter (deleted with it, copied with the model)
-and never reach `adapter_config.json`, which PEFT must keep reading. `persistence` saves the lineage beside the
-adapter's files.
+The new adapter's records (its lineage and merge report) are kept by `records`.
 
 Creating the adapter goes through PEFT's `inject_adapter` with `low_cpu_mem_usage=True` (no random initialization,
 so the user's RNG stream is untouched). That call patches `torch.nn.Module.register_parameter` for the whole process
@@ -21,55 +18,12 @@ from typing import Any
 
 from ..errors import CombinationError, MergeInputError
 from ..plugins.contract import LowRankDelta
+from .records import RECORDS, set_lineage, set_report
+from .source import LiveFactorSource, merge_live
 
-__all__ = [
-    "add_combined_adapter",
-    "check_new_adapter_name",
-    "create_adapter",
-    "get_hub_id",
-    "get_lineage",
-    "get_report",
-    "set_hub_id",
-    "set_lineage",
-    "set_report",
-]
+__all__ = ["add_combined_adapter", "check_new_adapter_name", "create_adapter", "record_peft_lineage"]
 
-_RECORDS = "_peft_merge_ext_records"
 _INJECT_LOCK = threading.Lock()
-
-
-def _records(config: Any) -> dict[str, Any]:
-    return config.__dict__.setdefault(_RECORDS, {})
-
-
-def set_lineage(config: Any, lineage: Any) -> None:
-    """Attach a `Lineage` to an adapter's config."""
-    _records(config)["lineage"] = lineage
-
-
-def get_lineage(config: Any) -> Any:
-    """The `Lineage` of an adapter's config, `None` when it was not made by a combination."""
-    return config.__dict__.get(_RECORDS, {}).get("lineage")
-
-
-def set_report(config: Any, report: Any) -> None:
-    """Attach a `MergeReport` to an adapter's config."""
-    _records(config)["report"] = report
-
-
-def get_report(config: Any) -> Any:
-    """The `MergeReport` of an adapter's config, `None` when there is none."""
-    return config.__dict__.get(_RECORDS, {}).get("report")
-
-
-def set_hub_id(config: Any, hub_id: str | None) -> None:
-    """Record the Hub repository an adapter was loaded from."""
-    _records(config)["hub_id"] = hub_id
-
-
-def get_hub_id(config: Any) -> str | None:
-    """The Hub repository an adapter was loaded from, if known."""
-    return config.__dict__.get(_RECORDS, {}).get("hub_id")
 
 
 def check_new_adapter_name(lora_model: Any, adapter_name: Any) -> None:
@@ -94,7 +48,6 @@ def add_combined_adapter(
     """
     from ..checkpoint.side_files import hub_id_of
     from ..engine.merge_info import Lineage, library_versions
-    from .source import LiveFactorSource, merge_live
 
     check_new_adapter_name(lora_model, adapter_name)
     source = LiveFactorSource(lora_model.model, lora_model.peft_config, list(lora_model.active_adapters), lora_model)
@@ -164,7 +117,7 @@ def create_adapter(
     )
     fields = {field.name for field in dataclasses.fields(base_config) if field.init}
     config = dataclasses.replace(base_config, **{key: value for key, value in data.items() if key in fields})
-    config.__dict__.pop(_RECORDS, None)
+    config.__dict__.pop(RECORDS, None)
     active_before = list(lora_model.active_adapters)
     lora_model.peft_config[adapter_name] = config
     try:
@@ -201,3 +154,22 @@ def _fill(lora_model: Any, adapter_name: str, merged: Sequence[tuple[Any, LowRan
                     "modules under accelerate's init_empty_weights at the same time. Retry."
                 )
             parameter.requires_grad = False
+
+
+def record_peft_lineage(lora_model: Any, adapter_name: str, request: Any) -> None:
+    """Attach the lineage of an adapter PEFT's own `add_weighted_adapter` just created (its arguments untouched)."""
+    from ..engine.merge_info import Lineage, library_versions
+
+    source = LiveFactorSource(lora_model.model, lora_model.peft_config, list(lora_model.active_adapters), lora_model)
+    config = lora_model.peft_config.get(adapter_name)
+    if config is None:
+        return
+    lineage = Lineage(
+        method=request.method,
+        provider="peft",
+        sources=[source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)],
+        options={k: v for k, v in request.options.items() if v is not None},
+        svd_rank=request.svd_rank,
+        versions=library_versions(),
+    )
+    set_lineage(config, lineage)

@@ -63,7 +63,7 @@ def _record_peft_lineage(original: Any, lora_model: Any, args: tuple, kwargs: di
 
     try:
         from ..engine.request import PEFT_ONLY_ARGUMENTS, MergeRequest
-        from .peft_types import record_peft_lineage
+        from .adapters import record_peft_lineage
 
         bound = inspect.signature(original).bind(lora_model, *args, **kwargs)
         bound.apply_defaults()

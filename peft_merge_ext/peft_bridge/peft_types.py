@@ -12,14 +12,13 @@ from ..engine.combine import MergedModule, ReportBuilder
 from ..engine.request import MergeRequest
 from ..errors import MergeInputError
 from .adapter_state import AdapterState
-from .source import LiveFactorSource
 
 __all__ = ["TEMPORARY_ADAPTER", "merged_by_peft"]
 
 TEMPORARY_ADAPTER = "peft_merge_ext_tmp"
 
 
-def merged_by_peft(source: LiveFactorSource, request: MergeRequest, report: ReportBuilder) -> list[MergedModule]:
+def merged_by_peft(source: Any, request: MergeRequest, report: ReportBuilder) -> list[MergedModule]:
     """The merged factors of every module, computed by PEFT's `add_weighted_adapter` into a temporary adapter.
 
     Raises:
@@ -53,23 +52,3 @@ def merged_by_peft(source: LiveFactorSource, request: MergeRequest, report: Repo
         return merged
     finally:
         state.restore()
-
-
-def record_peft_lineage(lora_model: Any, adapter_name: str, request: MergeRequest) -> None:
-    """Attach the lineage of an adapter PEFT's own `add_weighted_adapter` just created (its arguments untouched)."""
-    from ..engine.merge_info import Lineage, library_versions
-    from .adapters import set_lineage
-
-    source = LiveFactorSource(lora_model.model, lora_model.peft_config, list(lora_model.active_adapters), lora_model)
-    config = lora_model.peft_config.get(adapter_name)
-    if config is None:
-        return
-    lineage = Lineage(
-        method=request.method,
-        provider="peft",
-        sources=[source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)],
-        options={k: v for k, v in request.options.items() if v is not None},
-        svd_rank=request.svd_rank,
-        versions=library_versions(),
-    )
-    set_lineage(config, lineage)

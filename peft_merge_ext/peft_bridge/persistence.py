@@ -22,7 +22,7 @@ _MARKER = "__peft_merge_ext_persistence__"
 
 def _save_lineages(model: Any, save_directory: Any, selected: Any) -> None:
     from ..checkpoint.adapter_output import write_lineage
-    from .adapters import get_lineage
+    from .records import get_lineage
 
     names = list(selected) if selected else list(model.peft_config)
     for name in names:
@@ -39,7 +39,7 @@ def _load_lineage(model: Any, model_id: Any, adapter_name: str, kwargs: dict[str
     from ..checkpoint.folder_source import read_lineage
     from ..checkpoint.side_files import hub_id_of
     from ..engine.merge_info import LINEAGE_FILE
-    from .adapters import set_hub_id, set_lineage
+    from .records import set_hub_id, set_lineage
 
     config = model.peft_config.get(adapter_name)
     if config is None:

@@ -25,6 +25,7 @@ from .layers import (
     in_out_features,
     read_factors,
 )
+from .records import get_hub_id, get_lineage, records
 
 __all__ = ["LiveFactorSource", "adapter_sha256", "merge_live", "resolve_model"]
 
@@ -81,8 +82,6 @@ class LiveFactorSource:
 
     def describe(self, adapter: str, weight: float) -> AdapterInfo:
         """The card's description of `adapter`: config, content digest, Hub id and lineage when known."""
-        from .adapters import get_hub_id, get_lineage
-
         config = self.configs[adapter]
         ranks = [config.r, *(getattr(config, "rank_pattern", None) or {}).values()]
         modules = config.target_modules
@@ -126,10 +125,8 @@ def _cached_sha256(base: torch.nn.Module, adapter: str, config: Any) -> str:
     in place (its version counter changed): describing the same adapter twice costs one hash."""
     import weakref
 
-    from .adapters import _records
-
     tensors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
-    cached = _records(config).get("sha256")
+    cached = records(config).get("sha256")
     if cached is not None:
         refs, versions, digest = cached
         if len(refs) == len(tensors) and all(
@@ -138,7 +135,7 @@ def _cached_sha256(base: torch.nn.Module, adapter: str, config: Any) -> str:
         ):
             return digest
     digest = adapter_sha256(base, adapter)
-    _records(config)["sha256"] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], digest)
+    records(config)["sha256"] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors], digest)
     return digest
 
 

@@ -95,7 +95,7 @@ class PeftCandidates:
             self.created = False
 
     def add_final(self, weights: list[float], name: str, search: dict[str, Any]) -> None:
-        from ..peft_bridge.adapters import get_lineage
+        from ..peft_bridge.records import get_lineage
 
         self._add(weights, name)
         for parameter_name, parameter in self.lora_model.model.named_parameters():

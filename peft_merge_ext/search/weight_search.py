@@ -22,9 +22,8 @@ from ..errors import CombinationError, EvaluationInputError, MergeInputError
 from ..peft_bridge.adapter_state import AdapterState, activate, lora_model_of
 from .candidates import PeftCandidates, PluginCandidates
 from .optimizers import BudgetSpent, optuna_or_none, run_builtin, run_optuna
-from .search_cli import run_search_cli  # the CLI's entry point, imported from here by `peft_merge_ext.cli`
 
-__all__ = ["SearchResult", "Trial", "run_search_cli", "search_weights"]
+__all__ = ["SearchResult", "Trial", "search_weights"]
 
 OPTIMIZERS = ("auto", "optuna", "builtin")
 SCRATCH_ADAPTER = "peft_merge_ext_search_trial"
