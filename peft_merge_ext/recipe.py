@@ -59,7 +59,7 @@ STEP_FIELDS = ("adapters", "method", "options", "svd_rank", "dtype", "merge_into
 _FIELDS = ("base", *STEP_FIELDS, "push")
 UNKNOWN_BASE = "PATH/TO/BASE-MODEL"
 MAX_RECIPE_BYTES = 1_000_000
-MAX_ALIASES = 100
+MAX_RECIPE_NODES = 100_000  # YAML values a recipe may hold once its aliases are expanded
 # Arguments of the merge functions that a recipe's `options` could otherwise reach: refused there.
 NOT_OPTIONS = frozenset(
     {
@@ -198,7 +198,12 @@ class Recipe:
 
 
 def _quote(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A short repr of user input: nested values are cut while they are printed, never printed whole first."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    text = short.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -314,22 +319,38 @@ def _parse(data: Any, source_dir: Path | None) -> Recipe:
     return Recipe(base, steps, push, source_dir)
 
 
-def _check_yaml(text: str) -> None:
-    """Refuse recipes that are too large or expand aliases without bound (a few hundred bytes can describe
-    billions of nodes), before anything is built from them."""
+def _check_yaml(text: str, where: str = "The recipe") -> None:
+    """Refuse recipes that are too large or whose aliases expand without bound (a few hundred bytes of nested
+    aliases describe billions of values), before anything is built from them."""
     import yaml
 
     if len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"The recipe is over {MAX_RECIPE_BYTES} bytes; a recipe is a few lines of YAML.")
-    aliases = 0
+        raise RecipeError(f"{where} is over {MAX_RECIPE_BYTES} bytes; a recipe is a few lines of YAML.")
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    open_nodes: list[list[Any]] = []  # [anchor, values so far] of each collection being read
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                aliases += 1
-                if aliases > MAX_ALIASES:
-                    raise RecipeError(
-                        f"The recipe uses more than {MAX_ALIASES} YAML aliases (*name); write the values out instead."
-                    )
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_nodes.append([event.anchor, 1])
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                anchor, size = open_nodes.pop()
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, size = None, sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, size = event.anchor, 1
+            else:
+                continue
+            if anchor:
+                sizes[anchor] = size
+            if open_nodes:
+                open_nodes[-1][1] += size
+                size = open_nodes[-1][1]
+            if size > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"{where} expands to more than {MAX_RECIPE_NODES} values through YAML aliases (*name); a recipe "
+                    "is a few lines: write the values out instead."
+                )
     except yaml.YAMLError as error:
         raise RecipeError(f"The recipe is not valid YAML: {' '.join(str(error).split())[:300]}") from None
 
@@ -356,7 +377,7 @@ def load_recipe(path_or_text: str | Path) -> Recipe:
         except UnicodeDecodeError:
             raise RecipeError(f"Recipe file {path.name} is not UTF-8 text.") from None
         source_dir = path.absolute().parent
-    _check_yaml(text)
+    _check_yaml(text, f"Recipe file {path.name}" if is_file else "The recipe")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

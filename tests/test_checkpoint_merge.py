@@ -14,13 +14,13 @@ from conftest import add_lora, tiny_gpt2, tiny_llama
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_merge_ext.checkpoint.adapter_files import (
+from peft_merge_ext.checkpoint.adapter_config import (
     INIT_LORA_VARIANTS,
     LORA_VARIANT_FIELDS,
     LoraAdapterConfig,
     pattern_value,
-    read_adapter,
 )
+from peft_merge_ext.checkpoint.adapter_files import read_adapter
 from peft_merge_ext.errors import AdapterCompatibilityError, MergeInputError, UnknownCombinationTypeError
 from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
 

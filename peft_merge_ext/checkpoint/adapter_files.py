@@ -8,15 +8,16 @@ A saved adapter is a folder with `adapter_config.json` and `adapter_model.safete
 adapter. The arithmetic is the same as `lora_layers.read_factors` on a loaded model, so both give identical factors.
 
 PEFT is not imported (with it come transformers and bitsandbytes: seconds of start-up and over 100 MB): the config is
-parsed into a `LoraAdapterConfig` and pattern keys are resolved by `pattern_value`, with PEFT's documented rules.
+parsed into a `LoraAdapterConfig` and pattern keys are resolved by `pattern_value`, with PEFT's documented rules, in
+bounded time (a key such as `(a+)+b` against a crafted module name would otherwise backtrack for hours).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,17 @@ from typing import Any
 
 import torch
 
+from ..engine.request import short_repr
 from ..errors import AdapterCompatibilityError, MergeInputError
 from ..plugins.contract import LowRankDelta
+from .adapter_config import (
+    ADAPTER_CONFIG_NAME,
+    PATTERN_BUDGET_S,
+    LoraAdapterConfig,
+    check_config,
+    load_config,
+    pattern_value,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -38,7 +48,6 @@ __all__ = [
     "sha256_of_file",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
@@ -150,6 +159,23 @@ class AdapterFiles:
         """Bytes of all canonical factors in the compute dtype (they are read from disk module by module)."""
         return sum(module.nbytes for module in self.modules.values())
 
+    def check_finite(self) -> None:
+        """Read every factor once (one tensor in memory at a time) and refuse NaN and Inf, so that a damaged adapter
+        is reported before any output exists.
+
+        Raises:
+            `MergeInputError`: Naming the adapter, the module and the factor.
+        """
+        for module in self.modules.values():
+            for key, part in zip(module.keys, ("lora_A", "lora_B"), strict=True):
+                tensor = module.reader(key)
+                # A float64 sum is finite exactly when every entry is (NaN and Inf propagate).
+                if tensor.is_floating_point() and not math.isfinite(float(tensor.sum(dtype=torch.float64))):
+                    raise MergeInputError(
+                        f"Adapter {self.name!r} has non-finite values (NaN or Inf) in {part} of {module.name!r} "
+                        f"({self.weights_file.name}); retrain or repair that adapter. Nothing was written."
+                    )
+
 
 def sha256_of_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
     """The hex SHA-256 of a file, read in chunks."""
@@ -171,9 +197,9 @@ def resolve_folder(path_or_id: str | Path, what: str = "folder", required_file: 
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists():
-        raise MergeInputError(f"The {what} {str(path_or_id)!r} is a file; pass the folder that holds it.")
     text = str(path_or_id)
+    if path.exists():
+        raise MergeInputError(f"The {what} {short_repr(text)} is a file; pass the folder that holds it.")
     looks_like_repo = re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text) is not None and not text.startswith((".", "/"))
     if looks_like_repo:
         from huggingface_hub import snapshot_download
@@ -186,165 +212,10 @@ def resolve_folder(path_or_id: str | Path, what: str = "folder", required_file: 
             return folder
     if looks_like_repo:
         raise MergeInputError(
-            f"The {what} {text!r} is not a local folder and not in the Hugging Face cache. Pass an existing folder, "
-            f"or download the repository first with `hf download {text}`."
+            f"The {what} {short_repr(text)} is not a local folder and not in the Hugging Face cache. Pass an existing "
+            f"folder, or download the repository first with `hf download {text[:200]}`."
         )
-    raise MergeInputError(f"The {what} {text!r} is not an existing folder.")
-
-
-# PEFT's LoRA variants whose update is not `B @ A` (the `LoraConfig` fields with `is_lora_variant` metadata, and the
-# `init_lora_weights` values or prefixes listed in that field's `lora_variants` metadata); a test checks these against
-# the installed PEFT.
-LORA_VARIANT_FIELDS = (
-    "use_dora",
-    "velora_config",
-    "alora_invocation_tokens",
-    "monteclora_config",
-    "use_bdlora",
-    "arrow_config",
-    "kasa_config",
-)
-INIT_LORA_VARIANTS = ("mica",)
-
-
-@dataclass
-class LoraAdapterConfig:
-    """The fields of a saved `adapter_config.json` a merge needs, parsed without importing PEFT (importing it also
-    imports transformers and bitsandbytes: seconds of start-up and over 100 MB of memory).
-
-    Defaults are `peft.LoraConfig`'s. `peft_type` is `"LORA"`, so `combine.check_adapter_configs` treats it like a
-    loaded `LoraConfig`; the other fields it checks are read with `getattr` from `raw`.
-
-    Args:
-        peft_type (`str`): `"LORA"` (other types are refused while parsing).
-        r (`int`): The default rank.
-        lora_alpha (`float`): The default alpha.
-        use_rslora (`bool`): Scaling `alpha / sqrt(r)` instead of `alpha / r`.
-        fan_in_fan_out (`bool`): Whether the targeted weights are stored `in x out` (GPT-2 `Conv1D`).
-        rank_pattern (`dict[str, int]`): Per-module ranks, keys matched as by `pattern_value`.
-        alpha_pattern (`dict[str, float]`): Per-module alphas.
-        target_modules (`list[str]` or `str`, *optional*): As saved.
-        base_model_name_or_path (`str`, *optional*): The base model the adapter was trained on.
-        auto_mapping (`dict`, *optional*): PEFT's record of the model class.
-        init_lora_weights (`bool` or `str`): As saved.
-        raw (`dict[str, Any]`): The whole parsed JSON.
-    """
-
-    peft_type: str = "LORA"
-    r: int = 8
-    lora_alpha: float = 8
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    rank_pattern: dict[str, Any] = field(default_factory=dict)
-    alpha_pattern: dict[str, Any] = field(default_factory=dict)
-    target_modules: Any = None
-    base_model_name_or_path: str | None = None
-    auto_mapping: dict[str, Any] | None = None
-    init_lora_weights: Any = True
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for names that are not fields: the other saved settings (use_dora, lora_bias,
-        # modules_to_save, ...), `None` when absent.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self.__dict__.get("raw", {}).get(name)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str) -> LoraAdapterConfig:
-        """Parse and type-check the saved configuration.
-
-        Raises:
-            `MergeInputError`: When a field has the wrong type.
-        """
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for name in (
-            "r",
-            "lora_alpha",
-            "use_rslora",
-            "fan_in_fan_out",
-            "rank_pattern",
-            "alpha_pattern",
-            "target_modules",
-            "base_model_name_or_path",
-            "auto_mapping",
-            "init_lora_weights",
-        ):
-            value = raw.get(name)
-            values[name] = getattr(defaults, name) if value is None else value
-        number = (int, float)
-        checks = {
-            "r": isinstance(values["r"], int) and not isinstance(values["r"], bool) and values["r"] > 0,
-            "lora_alpha": isinstance(values["lora_alpha"], number) and not isinstance(values["lora_alpha"], bool),
-            "use_rslora": isinstance(values["use_rslora"], bool),
-            "fan_in_fan_out": isinstance(values["fan_in_fan_out"], bool),
-            "rank_pattern": isinstance(values["rank_pattern"], dict)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values["rank_pattern"].values()),
-            "alpha_pattern": isinstance(values["alpha_pattern"], dict)
-            and all(isinstance(v, number) and not isinstance(v, bool) for v in values["alpha_pattern"].values()),
-        }
-        wrong = [name for name, ok in checks.items() if not ok]
-        if wrong:
-            raise MergeInputError(
-                f"Could not parse the {ADAPTER_CONFIG_NAME} of {source!r}: {wrong[0]}={values[wrong[0]]!r} is not "
-                "valid (r and rank_pattern values: positive integers; lora_alpha and alpha_pattern values: numbers; "
-                "use_rslora and fan_in_fan_out: booleans)."
-            )
-        return cls(peft_type="LORA", raw=dict(raw), **values)
-
-
-def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """The value of the first key of `pattern` (in its order) that matches `module`, else `default`.
-
-    A key is a regular expression that matches when it matches the whole module name or its end after a dot (`"q_proj"`
-    matches `"model.layers.0.self_attn.q_proj"`, `"layers.0.self_attn.q_proj"` only layer 0's): PEFT's documented rule
-    for `rank_pattern` / `alpha_pattern`.
-    """
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
-    return default
-
-
-def _load_config(folder: Path, source: str) -> LoraAdapterConfig:
-    config_path = folder / ADAPTER_CONFIG_NAME
-    if not config_path.is_file():
-        raise MergeInputError(
-            f"{source!r} has no {ADAPTER_CONFIG_NAME}; pass the folder written by PEFT's save_pretrained (for a "
-            "non-default adapter name PEFT writes it in a subfolder named after the adapter)."
-        )
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise MergeInputError(f"{config_path} is not valid JSON: {error}.") from None
-    if not isinstance(raw, dict):
-        raise MergeInputError(f"{config_path} is not a JSON object.")
-    peft_type = str(raw.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterCompatibilityError(
-            f"Adapter {source!r} is a {raw.get('peft_type')!r} adapter; only LoRA adapters (peft_type 'LORA') can be "
-            "merged."
-        )
-    return LoraAdapterConfig.from_dict(raw, source)
-
-
-def _check_config(config: LoraAdapterConfig, name: str) -> None:
-    from ..engine.request import check_adapter_configs
-
-    check_adapter_configs({name: config}, [name])
-    for variant in LORA_VARIANT_FIELDS:
-        if getattr(config, variant, None):
-            raise AdapterCompatibilityError(
-                f"Adapter {name!r} uses the LoRA variant {variant}={getattr(config, variant)!r}: its update is not "
-                "B @ A and cannot be merged exactly from its factors."
-            )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.startswith(INIT_LORA_VARIANTS):
-        raise AdapterCompatibilityError(
-            f"Adapter {name!r} uses the LoRA variant init_lora_weights={init!r}, whose update is not B @ A; it cannot "
-            "be merged exactly from its factors."
-        )
+    raise MergeInputError(f"The {what} {short_repr(text)} is not an existing folder.")
 
 
 def _weights_path(folder: Path, source: str, allow_pickle: bool) -> Path:
@@ -370,18 +241,30 @@ def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.d
     tensor is read and raises one `MergeInputError` naming the file when it is damaged or hostile.
     """
     if path.suffix == ".bin":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError, EOFError, RuntimeError...: all mean "not a plain state dict"
+            # torch's message is long; the line after "WeightsUnpickler error:" says what was refused.
+            reason = " ".join(str(error).partition("WeightsUnpickler error:")[2].split() or str(error).split())
+            reason = re.split(r" (?:Please use `torch\.serialization|Check the documentation)", reason)[0][:200]
+            raise MergeInputError(
+                f"{path.name} in {short_repr(path.parent.name)} could not be loaded safely ({type(error).__name__}: "
+                f"{reason}); weights_only loading refuses anything but plain tensors. Convert it to safetensors."
+            ) from None
+        if not isinstance(state, dict):
+            raise MergeInputError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
         tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-        return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, tensors.__getitem__
+        # A fresh copy on each read, like a safetensors read: a combination working in place changes nothing here.
+        return {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}, lambda key: tensors[key].clone()
     from ..checkpoint.reader import read_header, read_tensor
 
     specs = {name: (entry.shape, entry.dtype) for name, entry in read_header(path).tensors.items()}
     return specs, lambda key: read_tensor(path, key)
 
 
-def _scaling(config: Any, module: str) -> tuple[int, float, float]:
-    rank = int(pattern_value(config.rank_pattern or {}, module, config.r))
-    alpha = pattern_value(config.alpha_pattern or {}, module, config.lora_alpha)
+def _scaling(config: Any, module: str, deadline: float) -> tuple[int, float, float]:
+    rank = int(pattern_value(config.rank_pattern or {}, module, config.r, deadline))
+    alpha = pattern_value(config.alpha_pattern or {}, module, config.lora_alpha, deadline)
     scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
     return rank, alpha, scaling
 
@@ -414,8 +297,8 @@ def read_adapter(
     source = str(path_or_id)
     folder = resolve_folder(path_or_id, "adapter", ADAPTER_CONFIG_NAME)
     name = name or folder.name
-    config = _load_config(folder, source)
-    _check_config(config, name)
+    config = load_config(folder, source)
+    check_config(config, name)
     weights_file = _weights_path(folder, source, allow_pickle)
     specs, reader = _tensor_source(weights_file)
     factors: dict[str, dict[str, tuple[str, tuple[int, ...], torch.dtype]]] = {}
@@ -446,6 +329,7 @@ def read_adapter(
     if not factors:
         raise MergeInputError(f"Adapter {name!r} ({weights_file}) holds no LoRA factors.")
     target_device = torch.device(device) if device is not None else None
+    deadline = time.monotonic() + PATTERN_BUDGET_S
     modules: dict[str, AdapterModule] = {}
     for module, parts in factors.items():
         if set(parts) != {"A", "B"}:
@@ -454,7 +338,7 @@ def read_adapter(
             )
         kind = kinds[module]
         (key_a, shape_a, dtype_a), (key_b, shape_b, _) = parts["A"], parts["B"]
-        rank, alpha, scaling = _scaling(config, module)
+        rank, alpha, scaling = _scaling(config, module, deadline)
         if shape_a[0] != rank or shape_b[1] != rank:
             raise MergeInputError(
                 f"Adapter {name!r}: {ADAPTER_CONFIG_NAME} gives {module!r} rank {rank} (r / rank_pattern) but its "

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..engine.combine import FactorModule
 from ..engine.merge_info import LINEAGE_FILE, AdapterInfo, Lineage
+from ..engine.request import short_repr
 from ..errors import MergeInputError
 from .adapter_files import AdapterFiles, read_adapter
 from .side_files import hub_id_of
@@ -37,12 +38,17 @@ def read_lineage(folder: Path) -> Lineage | None:
 
 
 class FolderFactorSource:
-    """Adapters on disk, named by their folder names (made unique).
+    """Adapters on disk, named by their folder names (made unique). The same folder given twice (also through a
+    symbolic link, a trailing `/` or `..`) is refused, and so are factors holding NaN or Inf, before anything is
+    computed.
 
     Args:
         paths (`Sequence[str | Path]`): Adapter folders, or Hub ids already in the Hugging Face cache.
         allow_pickle (`bool`, *optional*, defaults to `False`): Accept `adapter_model.bin`.
         device (`torch.device`): Where factors are read to and combined.
+
+    Raises:
+        `MergeInputError`: For an unreadable or invalid adapter, a folder given twice, or non-finite factors.
     """
 
     def __init__(self, paths: Sequence[str | Path], *, allow_pickle: bool = False, device: Any = None) -> None:
@@ -51,18 +57,26 @@ class FolderFactorSource:
         from ..lowrank.factor_math import compute_dtype_for
 
         if isinstance(paths, (str, Path)) or not paths:
-            raise MergeInputError(f"adapters must be a non-empty list of adapter folders, got {paths!r}.")
+            raise MergeInputError(f"adapters must be a non-empty list of adapter folders, got {short_repr(paths)}.")
         self.device = device if device is not None else torch.device("cpu")
         compute_dtype = compute_dtype_for(self.device)
         from ..peft_bridge.loading import adapter_names
 
         self.adapters: list[AdapterFiles] = []
+        seen: dict[Path, str] = {}
         for path, name in zip(paths, adapter_names(paths), strict=True):
-            self.adapters.append(
-                read_adapter(
-                    path, name=name, allow_pickle=allow_pickle, compute_dtype=compute_dtype, device=self.device
-                )
+            adapter = read_adapter(
+                path, name=name, allow_pickle=allow_pickle, compute_dtype=compute_dtype, device=self.device
             )
+            folder = adapter.folder.resolve()
+            if folder in seen:
+                raise MergeInputError(
+                    f"The adapter folder {short_repr(str(path))} is given twice (it is the same folder as "
+                    f"{short_repr(seen[folder])}); give each adapter once, with its weight."
+                )
+            seen[folder] = str(path)
+            adapter.check_finite()
+            self.adapters.append(adapter)
         self.lineages = {adapter.name: read_lineage(adapter.folder) for adapter in self.adapters}
 
     @property

@@ -7,27 +7,34 @@ temporary file and never copies bytes it already wrote, whatever `max_shard_size
 planned tensor arrived and writes the index (`model-0000x-of-0000N.safetensors` + `model.safetensors.index.json`, or a
 single `model.safetensors`), the layout transformers' `save_pretrained` produces and `from_pretrained` loads.
 
-Output folders (`output_folder`, and `atomic_directory` re-exported here for current callers) belong to
-`output_folder.py`. Reading tensors back one at a time is `checkpoint_reader`'s job.
+A failing disk (full, file too large, read-only) raises one `MergeInputError` naming the file. `BackgroundWriter`
+(writing in a thread while the next tensors are computed) lives in `background_writer.py`, output folders
+(`output_folder`, `atomic_directory`) in `output_folder.py`; both are re-exported here for current callers. Reading
+tensors back one at a time is `checkpoint_reader`'s job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MergeInputError
+from .background_writer import DEFAULT_MAX_PENDING_BYTES, BackgroundWriter  # re-exported for current callers
 from .output_folder import atomic_directory  # moved there; re-exported for current callers
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_MAX_PENDING_BYTES",
     "BackgroundWriter",
     "ShardedSafetensorsWriter",
     "TensorSpec",
@@ -58,7 +65,6 @@ DTYPE_CODES = {
     "bool": "BOOL",
 }
 _MAX_WRITE = 1 << 30  # bytes per system call (Linux writes at most about 2 GiB at once)
-DEFAULT_MAX_PENDING_BYTES = 64 * 10**6  # tensors a `BackgroundWriter` holds, not yet written
 
 
 def parse_size(size: int | str) -> int:
@@ -238,16 +244,18 @@ class ShardedSafetensorsWriter:
         Raises:
             `ValueError`: When `name` is not planned or already written, the shape or dtype differ from the plan, or
                 the tensor has no data (meta device).
+            `MergeInputError`: When the disk refuses the bytes (full, file too large, read-only).
         """
         self.check(name, tensor)
         slot = self._slots[name]
-        fd = self._shard_fd(slot.shard)
-        if slot.spec.nbytes:
-            import torch
+        with self._disk_errors(f"Writing {name!r} to", slot.shard):
+            fd = self._shard_fd(slot.shard)
+            if slot.spec.nbytes:
+                import torch
 
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            _write_at(fd, memoryview(data), slot.offset)
-            del data
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                _write_at(fd, memoryview(data), slot.offset)
+                del data
         self._written.add(name)
 
     def check(self, name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -292,16 +300,29 @@ class ShardedSafetensorsWriter:
 
         Raises:
             `ValueError`: When `name` is not planned or already written, or `source` is too short.
+            `MergeInputError`: When reading `source` or writing the shard fails (disk full, file too large...).
         """
         spec = self.check_name(name)
         slot = self._slots[name]
-        fd = self._shard_fd(slot.shard)
-        if spec.nbytes:
-            with open(source, "rb") as handle:
-                if os.fstat(handle.fileno()).st_size < offset + spec.nbytes:
-                    raise ValueError(f"{source} is too short to hold the {spec.nbytes} bytes of {name!r} at {offset}.")
-                _copy_range(handle.fileno(), offset, fd, slot.offset, spec.nbytes)
+        with self._disk_errors(f"Copying {name!r} from '{source}' to", slot.shard):
+            fd = self._shard_fd(slot.shard)
+            if spec.nbytes:
+                with open(source, "rb") as handle:
+                    if os.fstat(handle.fileno()).st_size < offset + spec.nbytes:
+                        raise ValueError(
+                            f"{source} is too short to hold the {spec.nbytes} bytes of {name!r} at {offset}."
+                        )
+                    _copy_range(handle.fileno(), offset, fd, slot.offset, spec.nbytes)
         self._written.add(name)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, action: str, shard: int | None) -> Iterator[None]:
+        """Turn an `OSError` (disk full, file too large, read-only...) into one `MergeInputError` naming the file."""
+        path = self.directory / (self.file_names[shard] if shard is not None else SAFE_WEIGHTS_INDEX_NAME)
+        try:
+            yield
+        except OSError as error:
+            raise disk_error(error, f"{action} '{path}'") from None
 
     def _shard_fd(self, shard: int) -> int:
         """The open file of `shard`: created with its header on first use; at most one shard file is open."""
@@ -356,7 +377,8 @@ class ShardedSafetensorsWriter:
             for spec in shard
         }
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        with self._disk_errors("Writing the index", None):
+            (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return [*self.file_names, SAFE_WEIGHTS_INDEX_NAME]
 
     def close(self) -> None:
@@ -376,144 +398,22 @@ class ShardedSafetensorsWriter:
         self.close()
 
 
-class BackgroundWriter:
-    """Hand tensors (or byte copies from other files) to a `ShardedSafetensorsWriter` running in one background
-    thread, so writing (`os.pwrite` and `os.copy_file_range` release the GIL) overlaps with computing the next
-    tensors. Everything is written in the order it was handed over.
+_DISK_HINTS = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free space in your disk quota",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or pass a smaller max_shard_size",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "the location is not writable by you",
+    errno.EPERM: "the location is not writable (permissions or an immutable attribute)",
+}
 
-    Memory bound: the tensors handed over and not yet written total at most `max(max_pending_bytes, the largest
-    single tensor)`; `write` waits while adding a tensor would go over `max_pending_bytes` (a larger tensor waits
-    until nothing is pending, then goes alone). The thread drops each tensor once its bytes are written. Pending
-    `copy_from_file` requests hold no tensor and do not count.
 
-    `write` checks the name, shape and dtype at once (`ShardedSafetensorsWriter.check`). An error in the thread is
-    raised again by the next `write` or by `finish`; `close` (always call it, e.g. in a `finally`) stops the thread,
-    drops what is still pending and, before a successful `finish`, removes the incomplete shard files.
-
-    Args:
-        writer (`ShardedSafetensorsWriter`): The planned writer; only the thread uses it until `finish`.
-        max_pending_bytes (`int`, *optional*, defaults to 64 MB): The bound on pending bytes described above.
-    """
-
-    def __init__(self, writer: ShardedSafetensorsWriter, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES) -> None:
-        import collections
-        import threading
-
-        self.writer = writer
-        self.max_pending_bytes = max_pending_bytes
-        self._queue: collections.deque[tuple[str, Any, int]] = collections.deque()
-        self._pending_bytes = 0
-        self._submitted: set[str] = set()
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._condition = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="peft-merge-ext-writer", daemon=True)
-        self._thread.start()
-
-    @property
-    def total_size(self) -> int:
-        """Bytes of all planned tensors."""
-        return self.writer.total_size
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one planned tensor for writing; the caller must not modify it afterwards.
-
-        Raises:
-            `ValueError`: As `ShardedSafetensorsWriter.write`, for this call.
-            `BaseException`: The error that stopped the background thread, if any.
-        """
-        if name in self._submitted:
-            raise ValueError(f"Tensor {name!r} was already written.")
-        self._enqueue(name, tensor, self.writer.check(name, tensor).nbytes)
-
-    def copy_from_file(self, name: str, source: str | os.PathLike, offset: int) -> None:
-        """Queue `ShardedSafetensorsWriter.copy_from_file(name, source, offset)` (holds no memory while pending).
-
-        Raises:
-            `ValueError`: When `name` is not planned or already written.
-            `BaseException`: The error that stopped the background thread, if any.
-        """
-        if name in self._submitted:
-            raise ValueError(f"Tensor {name!r} was already written.")
-        self.writer.check_name(name)
-        self._enqueue(name, (source, offset), 0)
-
-    def _enqueue(self, name: str, item: Any, nbytes: int) -> None:
-        with self._condition:
-            while (
-                self._error is None and self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes
-            ):
-                self._condition.wait()
-            self._raise_error()
-            if self._stopping:
-                raise ValueError(f"This writer is closed; cannot write {name!r}.")
-            self._queue.append((name, item, nbytes))
-            self._pending_bytes += nbytes
-            self._submitted.add(name)
-            self._condition.notify_all()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._queue and not self._stopping:
-                    self._condition.wait()
-                if not self._queue:
-                    return
-                name, item, nbytes = self._queue[0]
-            try:
-                if isinstance(item, tuple):
-                    self.writer.copy_from_file(name, *item)
-                else:
-                    self.writer.write(name, item)
-            except BaseException as error:  # handed to the caller's thread
-                with self._condition:
-                    self._error = error
-                    self._queue.clear()
-                    self._pending_bytes = 0
-                    self._condition.notify_all()
-                return
-            del item
-            with self._condition:
-                self._queue.popleft()
-                self._pending_bytes -= nbytes
-                self._condition.notify_all()
-
-    def _stop(self, drop_pending: bool) -> None:
-        with self._condition:
-            if drop_pending:
-                self._queue.clear()
-                self._pending_bytes = 0
-            self._stopping = True
-            self._condition.notify_all()
-        self._thread.join()
-
-    def finish(self) -> list[str]:
-        """Wait until every queued tensor is written, then `ShardedSafetensorsWriter.finish`.
-
-        Returns:
-            `list[str]`: The file names written.
-
-        Raises:
-            `BaseException`: The error that stopped the background thread, or `finish`'s own `ValueError`.
-        """
-        self._stop(drop_pending=False)
-        self._raise_error()
-        return self.writer.finish()
-
-    def close(self) -> None:
-        """Stop the thread (dropping pending tensors) and close the writer. Safe to call more than once."""
-        self._stop(drop_pending=True)
-        self.writer.close()
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+def disk_error(error: OSError, action: str) -> MergeInputError:
+    """A one-line `MergeInputError` for an `OSError` met while `action` (e.g. `"Writing 'x' to '/out/f'"`), with the
+    usual fix for the common causes (disk full, file too large, read-only)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    hint = _DISK_HINTS.get(error.errno, "check the output location")
+    return MergeInputError(f"{action} failed ({reason}): {hint}, or choose another output location.")
 
 
 def _copy_range(source_fd: int, source_offset: int, fd: int, offset: int, count: int) -> None:

@@ -6,17 +6,20 @@ peft-merge-ext demo [--out DIR]
 peft-merge-ext merge --base PATH --adapter PATH [--adapter PATH ...] [--weights W ...] [--method NAME] [--t T ...]
                      [--svd-rank K] [--dtype bf16] --out DIR [--push REPO_ID] [--private] [--dry-run] [--quiet]
 peft-merge-ext run RECIPE.yaml [--dry-run]
-peft-merge-ext upload DIR REPO_ID
+peft-merge-ext upload DIR REPO_ID [--private | --public] [--revision B] [--create-pr] [--message M] [--description D]
 peft-merge-ext search --base PATH --adapter PATH ... --eval-file JSONL [--method NAME] [--budget N] [--seed S]
 ```
 
-Bad input gives a one-line error on stderr and exit code 2. Importing this module does not import torch.
+Bad input (including an output location the disk refuses: full, file too large, read-only) gives a one-line error on
+stderr and exit code 2, naming the file or argument and the fix; user input is quoted at most about 200 characters
+long. `--dry-run` also checks the output folder. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +28,7 @@ __all__ = ["build_parser", "main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+MAX_QUOTED = 200  # characters of one word of an error message (user input) printed at most
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     upload = commands.add_parser("upload", help="Upload a merged folder (e.g. after a failed push).")
     upload.add_argument("folder", help="The folder to upload.")
     upload.add_argument("repo_id", help="The Hub repository, e.g. user/model.")
-    upload.add_argument("--private", action="store_true", help="Create the repository as private.")
+    visibility = upload.add_mutually_exclusive_group()
+    visibility.add_argument("--private", action="store_true", help="Create the repository as private.")
+    visibility.add_argument("--public", action="store_true", help="Create the repository as public.")
     upload.add_argument("--revision", help="Branch to upload to (created if needed).")
     upload.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
     upload.add_argument("--message", help="Commit message.")
+    upload.add_argument("--description", help="Commit description (the pull request description with --create-pr).")
 
     search = commands.add_parser("search", help="Search adapter weights that maximize a metric on an eval set.")
     search.add_argument("--base", required=True, help="Base model folder (or cached Hub id).")
@@ -194,6 +201,8 @@ def _command_merge(args: argparse.Namespace) -> int:
     }
     if args.dry_run:
         plan = plan_checkpoint_merge(args.base, args.adapter, strict=False, **common, **options)
+        inputs = [*(adapter.folder for adapter in plan.adapters), plan.base_folder]
+        plan.problems.extend(_output_problems(args.out, args.overwrite, inputs))
         print(plan.describe())
         return EXIT_BAD_INPUT if plan.problems else 0
     result = merge_checkpoint(
@@ -222,14 +231,27 @@ def _command_run(args: argparse.Namespace) -> int:
     common = {"allow_pickle": args.allow_pickle, "device": args.device, "recipe_file": args.recipe}
     if args.dry_run:
         problems = 0
-        for index, plan in enumerate(run_recipe(recipe, dry_run=True, **common)):
+        plans = run_recipe(recipe, dry_run=True, **common)
+        for index, (step, plan) in enumerate(zip(recipe.steps, plans, strict=True)):
             if len(recipe.steps) > 1:
                 print(f"Step {index + 1} of {len(recipe.steps)}:")
+            inputs = [
+                args.recipe,
+                recipe.resolve_path(recipe.base),
+                *(recipe.resolve_path(a.path) for a in step.adapters),
+            ]
+            output = step.output
+            if recipe.source_dir is not None and not Path(output).expanduser().is_absolute():
+                output = str(recipe.source_dir / output)
+            found = _output_problems(output, args.overwrite, inputs)
             if plan is None:
                 print("(reads the output of an earlier step, or runs in memory with PEFT: planned when it runs)")
-                continue
-            print(plan.describe())
-            problems += len(plan.problems)
+                print("".join(f"Problem: {text}\n" for text in found), end="")
+            else:
+                plan.problems.extend(found)
+                print(plan.describe())
+                found = plan.problems
+            problems += len(found)
         return EXIT_BAD_INPUT if problems else 0
     for result in run_recipe(recipe, quiet=args.quiet, overwrite=args.overwrite, **common):
         if hasattr(result, "report"):
@@ -237,6 +259,18 @@ def _command_run(args: argparse.Namespace) -> int:
         else:
             print(f"Written to {result} (in memory, by PEFT's own combination type).")
     return 0
+
+
+def _output_problems(out: str, overwrite: bool, inputs: list[Any]) -> list[str]:
+    """What `check_output` refuses about an output folder (for `--dry-run`): a list of at most one problem."""
+    from ..checkpoint.output_folder import check_output
+    from ..errors import MergeInputError
+
+    try:
+        check_output(out, overwrite=overwrite, inputs=inputs)
+    except MergeInputError as error:
+        return [_one_line(error)]
+    return []
 
 
 def _command_upload(args: argparse.Namespace) -> int:
@@ -250,10 +284,11 @@ def _command_upload(args: argparse.Namespace) -> int:
     url = upload_folder(
         args.folder,
         args.repo_id,
-        private=True if args.private else None,
+        private=True if args.private else False if args.public else None,
         revision=args.revision,
         create_pr=args.create_pr,
         commit_message=args.message,
+        commit_description=args.description,
     )
     print(f"Uploaded {args.folder} to {args.repo_id}: {url}")
     return 0
@@ -280,7 +315,12 @@ _COMMANDS = {
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The message of `error` on one line: whitespace and control characters (terminal escapes included) collapsed,
+    and every word longer than `MAX_QUOTED` characters (user input) cut short."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error))
+    text = "".join(char if char.isprintable() else " " for char in text)
+    words = [word if len(word) <= MAX_QUOTED else word[:MAX_QUOTED] + "..." for word in text.split()]
+    return " ".join(words) or type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HubUploadError as error:
         print(f"peft-merge-ext: upload failed: {_one_line(error)}", file=sys.stderr)
         return EXIT_FAILURE
-    except (PeftMergeExtError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
+    except (PeftMergeExtError, OSError) as error:  # OSError: a file or folder the system refused
         print(f"peft-merge-ext: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

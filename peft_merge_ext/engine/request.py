@@ -7,9 +7,10 @@ the adapters can be represented by the combination contract. Nothing is computed
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_adapter_configs",
     "check_weights",
     "resolve_request",
+    "short_repr",
     "unknown_type_error",
 ]
 
@@ -74,6 +76,7 @@ def unknown_type_error(name: Any, *, peft_types_allowed: bool = True) -> Unknown
     from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
 
     types = sorted(get_combination_types())
+    name = name if isinstance(name, str) and len(name) <= 200 else short_repr(name)
     if name in PEFT_COMBINATION_TYPES and not peft_types_allowed:
         return UnknownCombinationTypeError(
             f"combination_type={name!r} is one of PEFT's own types, which run in memory through PEFT's "
@@ -96,7 +99,7 @@ def check_weights(weights: Any, count: int) -> list[float]:
     if weights is None:
         return [1.0] * count
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
-        raise MergeInputError(f"weights must be a list of numbers, one per adapter, got {_short(weights)}.")
+        raise MergeInputError(f"weights must be a list of numbers, one per adapter, got {short_repr(weights)}.")
     if len(weights) != count:
         raise MergeInputError(
             f"Got {len(weights)} weight(s) for {count} adapter(s): pass exactly one weight per adapter."
@@ -108,7 +111,7 @@ def check_weights(weights: Any, count: int) -> list[float]:
         try:
             value = float(weight)
         except (TypeError, ValueError, OverflowError):
-            raise MergeInputError(f"weights must be numbers, got {_short(weight)}.") from None
+            raise MergeInputError(f"weights must be numbers, got {short_repr(weight)}.") from None
         if not math.isfinite(value):
             raise MergeInputError(f"weights must be finite, got {weight!r}.")
         result.append(value)
@@ -151,8 +154,8 @@ def check_adapter_configs(configs: Mapping[str, Any], adapters: Sequence[str]) -
         for alpha in alphas:
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
                 raise MergeInputError(
-                    f"Adapter {adapter!r} has lora_alpha {_short(alpha)} (in lora_alpha or alpha_pattern); it must "
-                    "be a finite number. Fix adapter_config.json."
+                    f"Adapter {adapter!r} has lora_alpha {short_repr(alpha)} (in lora_alpha or alpha_pattern); it "
+                    "must be a finite number. Fix adapter_config.json."
                 )
 
 
@@ -166,6 +169,7 @@ def resolve_request(
     *,
     peft_types_allowed: bool = True,
     peft_arguments: Mapping[str, Any] | None = None,
+    parameters: tuple[str, Collection[str]] | None = None,
 ) -> MergeRequest:
     """Validate a merge request and fill in its defaults.
 
@@ -181,6 +185,9 @@ def resolve_request(
             a live PEFT model).
         peft_arguments (`Mapping`, *optional*): PEFT-only keyword arguments given to a plugin type through the
             drop-in `add_weighted_adapter`; refused unless they keep PEFT's defaults.
+        parameters (`tuple[str, Collection[str]]`, *optional*): The calling function's name and its own parameters,
+            when its `**options` catch every other keyword: an option the type does not take that looks like one of
+            them is reported as a typo of that parameter (`save_merged(adapter=...)`: "did you mean 'adapters'?").
 
     Raises:
         `MergeInputError`: Unknown adapters, bad weights, unknown options or PEFT-only arguments.
@@ -190,29 +197,30 @@ def resolve_request(
     from ..plugins.registry import PEFT_COMBINATION_TYPES, get_combination_types
 
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
-        raise MergeInputError(f"adapters must be a non-empty list of adapter names, got {_short(adapters)}.")
+        raise MergeInputError(f"adapters must be a non-empty list of adapter names, got {short_repr(adapters)}.")
     adapters = list(adapters)
     duplicates = [name for name, count in Counter(adapters).items() if count > 1]
     if duplicates:
         raise MergeInputError(
-            f"Adapter(s) {duplicates} appear more than once; give each adapter once with its weight."
+            f"Adapter(s) {short_repr(duplicates)} appear more than once; give each adapter once with its weight."
         )
     missing = [name for name in adapters if name not in configs]
     if missing:
         raise MergeInputError(
-            f"Unknown adapter(s) {missing}; the model has: {', '.join(map(repr, configs)) or 'none'}."
+            f"Unknown adapter(s) {short_repr(missing)}; the model has: {', '.join(map(repr, configs)) or 'none'}."
         )
     weights = check_weights(weights, len(adapters))
     options = dict(options or {})
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
-        raise MergeInputError(f"svd_rank must be a positive integer or None, got {_short(svd_rank)}.")
+        raise MergeInputError(f"svd_rank must be a positive integer or None, got {short_repr(svd_rank)}.")
     if method is None:
         if len(adapters) == 1:
+            _check_typos(options, (), parameters)
             if options or svd_rank is not None:
                 given = sorted(options) + (["svd_rank"] if svd_rank is not None else [])
                 raise MergeInputError(
-                    f"Options {given} belong to a combination type; pass combination_type= (e.g. 'weighted') to use "
-                    "them."
+                    f"Options {short_repr(given)} belong to a combination type; pass combination_type= (e.g. "
+                    "'weighted') to use them."
                 )
             check_adapter_configs(configs, adapters)
             return MergeRequest(adapters, weights, None)
@@ -223,12 +231,9 @@ def resolve_request(
     if method in PEFT_COMBINATION_TYPES:
         if not peft_types_allowed:
             raise unknown_type_error(method, peft_types_allowed=False)
-        unknown = sorted(set(options) - set(PEFT_ONLY_ARGUMENTS))
-        if unknown:
-            raise MergeInputError(
-                f"Unknown option(s) {', '.join(map(repr, unknown))} for PEFT's combination_type={method!r}; it "
-                f"accepts: svd_rank, {', '.join(PEFT_ONLY_ARGUMENTS)}."
-            )
+        _check_options(
+            options, PEFT_ONLY_ARGUMENTS, f"PEFT's combination_type={method!r} (besides svd_rank)", parameters
+        )
         check_adapter_configs(configs, adapters)
         return MergeRequest(adapters, weights, method, options, svd_rank)
     combination = types.get(method)
@@ -240,6 +245,7 @@ def resolve_request(
                 f"{name}={value!r} is only used by PEFT's own combination types; combination_type={method!r} does "
                 "not take it."
             )
+    _check_options(options, combination.options, f"combination_type={method!r}", parameters)
     resolved = combination.resolve_options(options)
     try:
         combination.check_weights(weights, resolved)
@@ -248,13 +254,42 @@ def resolve_request(
     except Exception as error:
         raise CombinationError(
             f"The validate function of combination_type={method!r} (from {combination.provider}) failed: "
-            f"{type(error).__name__}: {_short(error)}"
+            f"{type(error).__name__}: {short_repr(error)}"
         ) from error
     check_adapter_configs(configs, adapters)
     return MergeRequest(adapters, weights, method, resolved, svd_rank, combination)
 
 
-def _short(value: Any, limit: int = 200) -> str:
+def _check_typos(options: Mapping[str, Any], accepted: Collection[str], parameters: Any) -> None:
+    """Refuse an option the type does not take that looks like a parameter of the calling function."""
+    if parameters is None:
+        return
+    function, names = parameters
+    for key in options:
+        if key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.75)
+        if close:
+            raise MergeInputError(
+                f"{function}() got an unexpected argument {short_repr(key)}; did you mean {close[0]!r}?"
+            )
+
+
+def _check_options(options: Mapping[str, Any], accepted: Collection[str], owner: str, parameters: Any) -> None:
+    """Refuse options `owner` does not declare, suggesting the closest parameter of the caller or declared option."""
+    _check_typos(options, accepted, parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if not unknown:
+        return
+    close = difflib.get_close_matches(str(unknown[0]), [str(name) for name in accepted], n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise MergeInputError(
+        f"Unknown option(s) {', '.join(short_repr(key) for key in unknown[:5])} for {owner}; it accepts: "
+        f"{', '.join(sorted(accepted)) or 'none'}.{hint}"
+    )
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
     """`repr(value)` cut to `limit` characters, for error messages that quote user input."""
     text = str(value) if isinstance(value, BaseException) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -64,7 +64,7 @@ def _check_non_negative(name: str, weights: list[float]) -> None:
 
 def _check_t_value(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise MergeInputError(f"slerp: t{where} must be a number between 0 and 1, got {value!r}.")
+        raise MergeInputError(f"slerp: t{where} must be a number between 0 and 1, got {repr(value)[:100]}.")
 
 
 def _check_t(t: Any) -> None:
@@ -73,6 +73,13 @@ def _check_t(t: Any) -> None:
     if isinstance(t, Mapping):
         if not t:
             raise MergeInputError("slerp: a t dict needs at least one entry, e.g. {'self_attn': 0.3, 'default': 0.5}.")
+        if "default" not in t:
+            # Checked here, before any work: `resolve_t` would only find out at the first module no key matches.
+            keys = ", ".join(repr(key)[:50] for key in list(t)[:10])
+            raise CombinationError(
+                f"slerp: the t dict ({keys}) has no 'default' entry for the modules none of its keys matches; add "
+                "one, e.g. {'self_attn': 0.3, 'default': 0.5}."
+            )
         for key, value in t.items():
             if not isinstance(key, str):
                 raise MergeInputError(f"slerp: t dict keys must be module-name substrings, got {key!r}.")
@@ -105,7 +112,7 @@ def resolve_t(t: Any, weights: Sequence[float], context: ModuleContext) -> float
         t: `None` (use `w_2 / (w_1 + w_2)`), a float, a list of anchors interpolated linearly over depth
             (`layer_index / (num_layers - 1)`; modules outside numbered blocks take the first anchor), or a dict
             mapping module-name substrings to a float or a list, the first matching key winning, `"default"` for
-            the rest.
+            the rest (required: a dict without it is refused before any work).
         weights: The two adapter weights.
         context: The module's context.
     """

@@ -73,8 +73,13 @@ def _resolve(
     max_shard_size: int | str,
     dtype: Any,
     options: dict[str, Any],
+    caller: str = "save_merged",
 ) -> tuple[Any, Any, Any]:
-    """Validate everything that needs no computation: the source, the request, the shard size and the dtype."""
+    """Validate everything that needs no computation: the source, the request, the shard size and the dtype.
+
+    `caller` (`save_merged` or `push_merged`) names the function whose `**combination_options` took `options`, so
+    that a misspelled parameter (`adapter=`) is reported as such rather than as an option of the combination type.
+    """
     from ..checkpoint.writer import parse_size
     from ..engine.request import resolve_request
     from ..peft_bridge.source import resolve_model
@@ -95,8 +100,28 @@ def _resolve(
         adapters = [adapters]
     options = dict(options)
     svd_rank = options.pop("svd_rank", None)
-    request = resolve_request(source.configs, adapters, weights, combination_type, svd_rank, options)
+    function = {"save_merged": save_merged, "push_merged": push_merged}[caller]
+    request = resolve_request(
+        source.configs,
+        adapters,
+        weights,
+        combination_type,
+        svd_rank,
+        options,
+        parameters=(caller, _own_parameters(function)),
+    )
     return source, request, out_dtype
+
+
+def _own_parameters(function: Any) -> list[str]:
+    """The named parameters of `function` (not its `**kwargs`)."""
+    import inspect
+
+    return [
+        name
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
 
 
 def _plan(
@@ -111,13 +136,14 @@ def _plan(
     base_checkpoint: str | os.PathLike | None,
     eval_results: list[dict[str, Any]] | None,
     options: dict[str, Any],
+    caller: str = "save_merged",
 ) -> _Plan:
     """Validate everything, then compute the merged factors (small: rank x (in + out) per module)."""
     from ..peft_bridge.source import merge_live
     from ..peft_bridge.weights import check_loadable, factors_onloaded, is_quantized
 
     source, request, out_dtype = _resolve(
-        model, adapters, weights, combination_type, merge_into_base, max_shard_size, dtype, options
+        model, adapters, weights, combination_type, merge_into_base, max_shard_size, dtype, options, caller
     )
     base = source.base
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
@@ -288,6 +314,12 @@ def save_merged(
 
     Returns:
         `Path`: The output folder.
+
+    Raises:
+        `MergeInputError`: For any invalid argument, before anything is written: a misspelled parameter is named as
+            such (`adapter=`: "unexpected argument 'adapter'; did you mean 'adapters'?"), an adapter holding NaN or
+            Inf is named with its module.
+        `CombinationError`: When the combination type refuses its inputs or returns an unusable result.
     """
     _check_card_inputs(tags, eval_results)
     return _save(
@@ -325,6 +357,7 @@ class _Args:
     base_checkpoint: Any
     repo_id: Any
     options: dict[str, Any]
+    caller: str = "save_merged"
 
     def plan(self, model: Any) -> _Plan:
         return _plan(
@@ -339,6 +372,7 @@ class _Args:
             self.base_checkpoint,
             self.eval_results,
             self.options,
+            self.caller,
         )
 
 
@@ -382,6 +416,7 @@ def _fingerprint(model: Any, repo_id: str, args: _Args) -> str:
         args.max_shard_size,
         args.dtype,
         args.options,
+        args.caller,
     )
     described = [source.describe(a, w).sha256 for a, w in zip(request.adapters, request.weights, strict=True)]
     data = {
@@ -485,6 +520,7 @@ def push_merged(
         base_checkpoint,
         repo_id,
         combination_options,
+        caller="push_merged",
     )
     fingerprint = _fingerprint(model, repo_id, args)
     target = check_hub_access(repo_id, token=token, private=private, revision=revision, create_pr=create_pr)
