@@ -74,7 +74,7 @@ _LAZY = {
     "uninstall": "peft_bridge.patch",
     "is_installed": "peft_bridge.patch",
     "save_merged": "publish.save",
-    "push_merged": "publish.save",
+    "push_merged": "publish.push",
     "build_model_card": "publish.card",
     "write_model_card": "publish.card",
     "upload_folder": "publish.hub",
@@ -125,7 +125,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .publish.card import build_model_card, write_model_card
     from .publish.hub import upload_folder
     from .publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
-    from .publish.save import push_merged, save_merged
+    from .publish.push import push_merged
+    from .publish.save import save_merged
     from .recipe import Recipe, RecipeError, load_recipe
     from .search.evaluation import evaluate
     from .search.weight_search import SearchResult, search_weights

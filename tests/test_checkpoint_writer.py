@@ -17,9 +17,9 @@ from conftest import add_lora, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from peft_merge_ext.checkpoint.background_writer import BackgroundWriter
 from peft_merge_ext.checkpoint.reader import read_tensor, read_tensor_specs
 from peft_merge_ext.checkpoint.writer import (
-    BackgroundWriter,
     ShardedSafetensorsWriter,
     TensorSpec,
     atomic_directory,
@@ -409,7 +409,7 @@ def test_merge_checkpoint_reads_the_base_front_to_back(tmp_path, monkeypatch):
     add_lora(base, "default", seed=1, r=2, target_modules=["q_proj", "down_proj"]).save_pretrained(
         tmp_path / "adapter"
     )
-    from peft_merge_ext.checkpoint.writer import BackgroundWriter
+    from peft_merge_ext.checkpoint.background_writer import BackgroundWriter
 
     reads, original, original_copy = [], reader.read_tensor, BackgroundWriter.copy_from_file
     monkeypatch.setattr(

@@ -27,7 +27,8 @@ from peft_merge_ext.checkpoint.background_writer import BackgroundWriter
 from peft_merge_ext.checkpoint.writer import ShardedSafetensorsWriter, TensorSpec
 from peft_merge_ext.errors import CombinationError, MergeInputError, PeftMergeExtError
 from peft_merge_ext.publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
-from peft_merge_ext.publish.save import push_merged, save_merged
+from peft_merge_ext.publish.push import push_merged
+from peft_merge_ext.publish.save import save_merged
 
 FAULTY_PLUGIN = """
     import torch

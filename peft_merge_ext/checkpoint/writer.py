@@ -27,15 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MergeInputError
-from .background_writer import DEFAULT_MAX_PENDING_BYTES, BackgroundWriter  # re-exported for current callers
 from .output_folder import atomic_directory  # moved there; re-exported for current callers
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DEFAULT_MAX_PENDING_BYTES",
-    "BackgroundWriter",
     "ShardedSafetensorsWriter",
     "TensorSpec",
     "atomic_directory",

@@ -138,12 +138,12 @@ def save_merged(self: Any, save_directory: Any, **kwargs: Any) -> Any:
 
 def push_merged(self: Any, repo_id: str, **kwargs: Any) -> str:
     """Merge this model's LoRA adapter(s) (see `save_merged`) and upload the folder to the Hub in one commit. See
-    `peft_merge_ext.publish.save.push_merged` for the arguments.
+    `peft_merge_ext.publish.push.push_merged` for the arguments.
 
     Returns:
         `str`: The commit URL (the pull request URL with `create_pr=True`).
     """
-    from ..publish.save import push_merged as implementation
+    from ..publish.push import push_merged as implementation
 
     return implementation(self, repo_id, **kwargs)
 

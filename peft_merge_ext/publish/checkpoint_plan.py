@@ -214,7 +214,7 @@ def plan_checkpoint_merge(
 
 
 def _estimate_memory(plan: MergePlan) -> None:
-    from ..checkpoint.writer import DEFAULT_MAX_PENDING_BYTES
+    from ..checkpoint.background_writer import DEFAULT_MAX_PENDING_BYTES
     from ..lowrank.weight_merge import DEFAULT_BLOCK_ELEMENTS
 
     # Tensors that go through memory: the targets and those changing dtype (the others are copied file to file). Each

@@ -1,8 +1,8 @@
 """The last steps every merge shares: stream the weights into planned safetensors shards, then write the card.
 
 A weight source gives `(TensorSpec, tensor or CopyFromFile)` pairs in the order the shards were planned; a
-background thread writes them while the next tensors are computed (`checkpoint.writer.BackgroundWriter`), and bytes a
-merge leaves as they are go file to file.
+background thread writes them while the next tensors are computed (`checkpoint.background_writer`), and bytes a merge
+leaves as they are go file to file.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.background_writer import BackgroundWriter
 from ..checkpoint.base_checkpoint import CopyFromFile
-from ..checkpoint.writer import BackgroundWriter, ShardedSafetensorsWriter, TensorSpec
+from ..checkpoint.writer import ShardedSafetensorsWriter, TensorSpec
 
 __all__ = ["MANIFEST_FILE", "read_manifest", "stream_weights", "write_card", "write_manifest"]
 

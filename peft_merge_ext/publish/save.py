@@ -14,11 +14,9 @@ offloaded by accelerate, one onloaded module.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from ..checkpoint.side_files import base_folder, dtype_name, hub_id_of, parse_dt
 from ..engine.merge_info import MergeInfo, library_versions
 from ..errors import MergeInputError
 
-__all__ = ["push_merged", "save_merged"]
+__all__ = ["MergeArguments", "save_merged", "save_to_folder"]
 
 
 @dataclass
@@ -64,21 +62,40 @@ def _check_card_inputs(tags: Any, eval_results: Any) -> None:
                 ) from None
 
 
-def _resolve(
-    model: Any,
-    adapters: Sequence[str] | None,
-    weights: Sequence[float] | None,
-    combination_type: str | None,
-    merge_into_base: bool,
-    max_shard_size: int | str,
-    dtype: Any,
-    options: dict[str, Any],
-    caller: str = "save_merged",
-) -> tuple[Any, Any, Any]:
+@dataclass
+class MergeArguments:
+    """The arguments of one `save_merged` / `push_merged` call that decide what is merged and written."""
+
+    adapters: Sequence[str] | None
+    weights: Sequence[float] | None
+    combination_type: str | None
+    merge_into_base: bool
+    max_shard_size: int | str
+    tags: Sequence[str] | None
+    dtype: Any
+    eval_results: list[dict[str, Any]] | None
+    base_model: str | None
+    base_checkpoint: str | os.PathLike | None
+    repo_id: str | None
+    options: dict[str, Any]
+    caller: tuple[str, list[str]] = ("save_merged", [])
+
+    @classmethod
+    def of(cls, scope: dict[str, Any], function: Any) -> MergeArguments:
+        """The arguments found in the `locals()` of `function` (`save_merged` or `push_merged`), which also names
+        the caller and its own parameters for the error about a misspelled one."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("options", "caller")]
+        values = {name: scope.get(name) for name in names}
+        return cls(
+            **values, options=scope["combination_options"], caller=(function.__name__, _own_parameters(function))
+        )
+
+
+def _resolve(model: Any, args: MergeArguments) -> tuple[Any, Any, Any]:
     """Validate everything that needs no computation: the source, the request, the shard size and the dtype.
 
-    `caller` (`save_merged` or `push_merged`) names the function whose `**combination_options` took `options`, so
-    that a misspelled parameter (`adapter=`) is reported as such rather than as an option of the combination type.
+    `args.caller` (`save_merged` or `push_merged`) names the function whose `**combination_options` took the options,
+    so that a misspelled parameter (`adapter=`) is reported as such rather than as an option of the combination type.
     """
     from ..checkpoint.writer import parse_size
     from ..engine.request import resolve_request
@@ -86,29 +103,29 @@ def _resolve(
 
     source = resolve_model(model)
     try:
-        parse_size(max_shard_size)
+        parse_size(args.max_shard_size)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    if not isinstance(merge_into_base, bool):
-        raise MergeInputError(f"merge_into_base must be True or False, got {merge_into_base!r}.")
-    out_dtype = parse_dtype(dtype)
+    if not isinstance(args.merge_into_base, bool):
+        raise MergeInputError(f"merge_into_base must be True or False, got {args.merge_into_base!r}.")
+    out_dtype = parse_dtype(args.dtype)
+    adapters = args.adapters
     if adapters is None:
         adapters = list(source.active)
         if not adapters:
             raise MergeInputError("No adapter to merge: the model has no active adapter and none was given.")
     elif isinstance(adapters, str):
         adapters = [adapters]
-    options = dict(options)
+    options = dict(args.options)
     svd_rank = options.pop("svd_rank", None)
-    function = {"save_merged": save_merged, "push_merged": push_merged}[caller]
     request = resolve_request(
         source.configs,
         adapters,
-        weights,
-        combination_type,
+        args.weights,
+        args.combination_type,
         svd_rank,
         options,
-        parameters=(caller, _own_parameters(function)),
+        parameters=args.caller,
     )
     return source, request, out_dtype
 
@@ -124,34 +141,19 @@ def _own_parameters(function: Any) -> list[str]:
     ]
 
 
-def _plan(
-    model: Any,
-    adapters: Sequence[str] | None,
-    weights: Sequence[float] | None,
-    combination_type: str | None,
-    merge_into_base: bool,
-    max_shard_size: int | str,
-    dtype: Any,
-    base_model: str | None,
-    base_checkpoint: str | os.PathLike | None,
-    eval_results: list[dict[str, Any]] | None,
-    options: dict[str, Any],
-    caller: str = "save_merged",
-) -> _Plan:
+def _plan(model: Any, args: MergeArguments) -> _Plan:
     """Validate everything, then compute the merged factors (small: rank x (in + out) per module)."""
     from ..peft_bridge.source import merge_live
     from ..peft_bridge.weights import check_loadable, factors_onloaded, is_quantized
 
-    source, request, out_dtype = _resolve(
-        model, adapters, weights, combination_type, merge_into_base, max_shard_size, dtype, options, caller
-    )
+    source, request, out_dtype = _resolve(model, args)
     base = source.base
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
-    hub_id = base_model or hub_id_of(name)
+    hub_id = args.base_model or hub_id_of(name)
     check_loadable(base)
     checkpoint = None
-    if merge_into_base and is_quantized(base):
-        checkpoint = _checkpoint_for_quantized(name, base_checkpoint)
+    if args.merge_into_base and is_quantized(base):
+        checkpoint = _checkpoint_for_quantized(name, args.base_checkpoint)
     with factors_onloaded(base, request.adapters, request.is_peft_type):
         merged, report = merge_live(source, request)
         infos = [source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)]
@@ -161,10 +163,10 @@ def _plan(
         combination_type=request.method,
         options=dict(report.options),
         svd_rank=request.svd_rank,
-        merge_into_base=merge_into_base,
+        merge_into_base=args.merge_into_base,
         dtype=dtype_name(out_dtype or _model_dtype(base)),
         report=report,
-        eval_results=list(eval_results) if eval_results else None,
+        eval_results=list(args.eval_results) if args.eval_results else None,
         versions=library_versions(),
         provider=request.provider,
     )
@@ -322,63 +324,13 @@ def save_merged(
         `CombinationError`: When the combination type refuses its inputs or returns an unusable result.
     """
     _check_card_inputs(tags, eval_results)
-    return _save(
-        model,
-        Path(save_directory),
-        overwrite,
-        _Args(
-            adapters,
-            weights,
-            combination_type,
-            merge_into_base,
-            max_shard_size,
-            tags,
-            dtype,
-            eval_results,
-            base_model,
-            base_checkpoint,
-            repo_id,
-            combination_options,
-        ),
-    )[0]
+    return save_to_folder(model, Path(save_directory), overwrite, MergeArguments.of(locals(), save_merged))[0]
 
 
-@dataclass
-class _Args:
-    adapters: Any
-    weights: Any
-    combination_type: Any
-    merge_into_base: bool
-    max_shard_size: Any
-    tags: Any
-    dtype: Any
-    eval_results: Any
-    base_model: Any
-    base_checkpoint: Any
-    repo_id: Any
-    options: dict[str, Any]
-    caller: str = "save_merged"
-
-    def plan(self, model: Any) -> _Plan:
-        return _plan(
-            model,
-            self.adapters,
-            self.weights,
-            self.combination_type,
-            self.merge_into_base,
-            self.max_shard_size,
-            self.dtype,
-            self.base_model,
-            self.base_checkpoint,
-            self.eval_results,
-            self.options,
-            self.caller,
-        )
-
-
-def _save(
-    model: Any, destination: Path, overwrite: bool, args: _Args, fingerprint: str = ""
+def save_to_folder(
+    model: Any, destination: Path, overwrite: bool, args: MergeArguments, fingerprint: str = ""
 ) -> tuple[Path, list[str]]:
+    """Merge and write one output folder (weights, side files, card, manifest); returns it and the files written."""
     from ..checkpoint.output_folder import check_output, output_folder
     from ..peft_bridge.source import resolve_model
     from .output import write_card, write_manifest
@@ -386,7 +338,7 @@ def _save(
     name = getattr(resolve_model(model).base, "name_or_path", None)
     inputs = [folder for folder in [base_folder(name)] if folder is not None]
     check_output(destination, overwrite=overwrite, inputs=inputs)
-    plan = args.plan(model)
+    plan = _plan(model, args)
     with output_folder(destination, overwrite=overwrite, inputs=inputs) as folder:
         files = _write(plan, folder, args.max_shard_size)
         files.append(
@@ -401,153 +353,3 @@ def _save(
         )
         write_manifest(folder, files, fingerprint)
     return destination, files
-
-
-def _fingerprint(model: Any, repo_id: str, args: _Args) -> str:
-    """A digest of everything that determines a push's files: the inputs' contents and every argument."""
-    from ..engine.combine import plain
-
-    source, request, dtype = _resolve(
-        model,
-        args.adapters,
-        args.weights,
-        args.combination_type,
-        args.merge_into_base,
-        args.max_shard_size,
-        args.dtype,
-        args.options,
-        args.caller,
-    )
-    described = [source.describe(a, w).sha256 for a, w in zip(request.adapters, request.weights, strict=True)]
-    data = {
-        "adapters": list(zip(request.adapters, described, strict=True)),
-        "weights": request.weights,
-        "method": request.method,
-        "options": plain(request.options),
-        "svd_rank": request.svd_rank,
-        "merge_into_base": args.merge_into_base,
-        "dtype": str(dtype),
-        "max_shard_size": str(args.max_shard_size),
-        "base": getattr(source.base, "name_or_path", None),
-        "tags": list(args.tags or []),
-        "eval_results": plain([dict(row) for row in args.eval_results or []]),
-        "repo_id": repo_id,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _reusable(folder: Path, fingerprint: str) -> list[str] | None:
-    """The files of an earlier output of the same merge in `folder`, `None` when the folder is empty or missing.
-
-    Raises:
-        `MergeInputError`: When the folder holds anything else.
-    """
-    from .output import read_manifest
-
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-        return None
-    files, recorded = read_manifest(folder) or ([], None)
-    if recorded != fingerprint or not all((folder / name).is_file() for name in files):
-        raise MergeInputError(
-            f"local_dir {str(folder)!r} is not empty and is not an earlier output of this same merge, so its files "
-            "will not be uploaded; pass an empty or new folder (or the folder a failed push of this merge left)."
-        )
-    return files
-
-
-def push_merged(
-    model: Any,
-    repo_id: str,
-    *,
-    adapters: Sequence[str] | None = None,
-    weights: Sequence[float] | None = None,
-    combination_type: str | None = None,
-    merge_into_base: bool = True,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    max_shard_size: int | str = "5GB",
-    tags: Sequence[str] | None = None,
-    dtype: Any = None,
-    local_dir: str | os.PathLike | None = None,
-    eval_results: list[dict[str, Any]] | None = None,
-    base_model: str | None = None,
-    base_checkpoint: str | os.PathLike | None = None,
-    **combination_options: Any,
-) -> str:
-    """`save_merged` into a local folder, then upload exactly the files it wrote to the Hub in one commit.
-
-    The token, the repo id and write access are checked before anything is merged.
-
-    Args:
-        repo_id (`str`): The target repo, `user/name` (created if needed).
-        commit_message (`str`, *optional*): The commit message.
-        commit_description (`str`, *optional*): The commit description.
-        private (`bool`, *optional*): Visibility of a newly created repo.
-        token (`str` or `bool`, *optional*): Hub token; `True` or `None` use `HF_TOKEN` or the stored login. Never
-            written anywhere.
-        revision (`str`, *optional*): Branch to commit to (created when missing).
-        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
-        local_dir (`str` or `os.PathLike`, *optional*): Where the folder is built: a new or empty folder, or the
-            folder an earlier (failed) push of this same merge left, which is then uploaded without recomputing. By
-            default a temporary folder, deleted after a successful upload and kept (and named in the error) after a
-            failure.
-        Other arguments: as in `save_merged`.
-
-    Returns:
-        `str`: The commit URL (the pull request URL with `create_pr=True`).
-
-    Raises:
-        `HubUploadError`: When the Hub check or the upload fails; after a merge the message names the local folder
-            and the command that retries the upload.
-    """
-    from .hub import check_hub_access, upload_files
-
-    _check_card_inputs(tags, eval_results)
-    args = _Args(
-        adapters,
-        weights,
-        combination_type,
-        merge_into_base,
-        max_shard_size,
-        tags,
-        dtype,
-        eval_results,
-        base_model,
-        base_checkpoint,
-        repo_id,
-        combination_options,
-        caller="push_merged",
-    )
-    fingerprint = _fingerprint(model, repo_id, args)
-    target = check_hub_access(repo_id, token=token, private=private, revision=revision, create_pr=create_pr)
-    temporary_parent = None
-    if local_dir is not None:
-        folder = Path(local_dir)
-        files = _reusable(folder, fingerprint)
-        if files is None:
-            _, files = _save(model, folder, False, args, fingerprint)
-    else:
-        temporary_parent = Path(tempfile.mkdtemp(prefix="peft-merge-ext-push-"))
-        folder = temporary_parent / repo_id.replace("/", "--")
-        try:
-            _, files = _save(model, folder, False, args, fingerprint)
-        except BaseException:
-            shutil.rmtree(temporary_parent, ignore_errors=True)
-            raise
-    url = upload_files(
-        folder,
-        files,
-        target,
-        commit_message=commit_message
-        or (
-            "Upload merged model with peft-merge-ext" if merge_into_base else "Upload LoRA adapter with peft-merge-ext"
-        ),
-        commit_description=commit_description,
-    )
-    if temporary_parent is not None:
-        shutil.rmtree(temporary_parent, ignore_errors=True)
-    return url
