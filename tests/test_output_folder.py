@@ -463,3 +463,31 @@ def test_atomic_directory_is_re_exported_with_its_old_behaviour(tmp_path):
         (folder / "b.txt").write_text("b")
     assert os.listdir(destination) == ["b.txt"]
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_disk_that_cannot_take_the_lock_record_leaves_no_lock_behind(tmp_path):
+    """With a file-size limit of 0 (what a completely full disk does too), taking the lock fails with one clear
+    error and the lock file is removed (the fault benchmark found it left behind)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        from peft_merge_ext.checkpoint.output_folder import output_folder
+        from peft_merge_ext.errors import MergeInputError
+        try:
+            with output_folder({str(tmp_path / "out")!r}):
+                pass
+        except MergeInputError as error:
+            print(error)
+            sys.exit(2)
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert "free disk space" in completed.stdout and ".out.lock" in completed.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -93,8 +93,15 @@ class OutputLock:
             self.fd = fd
             break
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record + b"\n", 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record + b"\n", 0)
+        except OSError as error:  # a full disk or a file-size limit: nothing may stay behind
+            self.release()
+            raise MergeInputError(
+                f"{folder_label(self.what, self.given)} cannot be written: recording the lock in '{self.path}' "
+                f"failed ({error_reason(error)}); free disk space (or raise the file-size limit) and run again."
+            ) from None
 
     def release(self) -> None:
         if self.fd is None:
