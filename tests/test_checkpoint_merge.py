@@ -519,3 +519,21 @@ def test_plain_merge_imports_neither_peft_nor_transformers(llama_files, tmp_path
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_index_naming_files_outside_the_base_folder_is_refused(llama_files, tmp_path):
+    """An index may only name shard files next to it, never `../elsewhere` or an absolute path."""
+    import shutil
+
+    base, folders, _ = llama_files
+    copy = tmp_path / "base-copy"
+    shutil.copytree(base, copy)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    for target in ("../{}", str(tmp_path / "{}")):
+        weight_map = {key: target.format(name) for key, name in index["weight_map"].items()}
+        for name in set(index["weight_map"].values()):
+            shutil.copyfile(copy / name, tmp_path / name)
+        (copy / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(MergeInputError, match="only name shard files next to it"):
+            merge_checkpoint(copy, [folders["a"]], out=tmp_path / "merged", quiet=True)
+        assert not (tmp_path / "merged").exists()

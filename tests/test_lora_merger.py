@@ -131,3 +131,22 @@ def test_push_to_hub_can_keep_the_folder(folders, tmp_path, hub_server):
         io.BytesIO(repo.files()["model.safetensors"]).getvalue()
         == (tmp_path / "kept" / "model.safetensors").read_bytes()
     )
+
+
+def test_failed_push_to_hub_names_a_folder_that_still_exists(folders, hub_server):
+    """The error of a failed upload names the merged folder, which is kept for the retry (it used to name a temporary
+    folder already deleted); a bad token fails before anything is merged."""
+    import re
+    from pathlib import Path
+
+    from peft_merge_ext.errors import HubUploadError
+
+    base, adapters = folders
+    merger = LoRAMerger(base, [adapters / "loan_docs", adapters / "underwriting"])
+    with pytest.raises(HubUploadError):
+        merger.push_to_hub("test-user/model", token="hf_invalid")
+    hub_server.fail("commit", 500)
+    with pytest.raises(HubUploadError) as caught:
+        merger.push_to_hub("test-user/model", token=hub_server.token)
+    named = [Path(m) for m in re.findall(r"(/\S*peft-merge-ext-push-[^/\s]+/merged)", str(caught.value))]
+    assert named and (named[0] / "model.safetensors").is_file() and (named[0] / "README.md").is_file()
