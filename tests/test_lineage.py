@@ -252,3 +252,19 @@ def test_sources_on_the_hub_are_named_by_their_hub_ids(workspace, hub_server, mo
     recipe, fill_in = _recipe_of((again / "README.md").read_text())
     assert recipe["adapters"] == [{"path": "test-user/m", "weight": 1.0}] and not fill_in  # named, not rebuilt
     _assert_same_bytes(folder, again)
+
+
+def test_source_digests_are_taken_when_needed_and_never_from_a_changed_adapter(workspace):
+    """`add_weighted_adapter` leaves hashing its sources for later; the digest later equals the one taken at once, and
+    an adapter modified in between gets no digest (the card says it is unknown) rather than a wrong one."""
+    from peft_merge_ext.peft_bridge.records import get_lineage
+    from peft_merge_ext.peft_bridge.source import adapter_sha256
+
+    model = _load(workspace)
+    model.add_weighted_adapter(["x1", "x2"], [0.6, 0.4], "m", combination_type="slerp")
+    expected = adapter_sha256(model.base_model.model, "x1")
+    with torch.no_grad():  # x2 trained further after the combination
+        next(p for n, p in model.named_parameters() if "lora_B.x2" in n).add_(1.0)
+    lineage = get_lineage(model.peft_config["m"])
+    first, second = (source.resolve() for source in lineage.sources)
+    assert first.sha256 == expected and second.sha256 is None and "changed after" in second.sha256_of

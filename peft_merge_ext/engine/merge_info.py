@@ -10,6 +10,7 @@ rebuilds it step by step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,10 +69,33 @@ class AdapterInfo:
     sha256_of: str | None = None
     hub_id: str | None = None
     lineage: Lineage | None = None
+    pending_sha256: Any = field(default=None, repr=False, compare=False)
+
+    def resolve(self) -> AdapterInfo:
+        """Compute a digest left for later (`pending_sha256`), here and in the lineage below; returns `self`.
+
+        `add_weighted_adapter` does not hash its sources while it combines (that would slow it down by the size of
+        the adapters); it keeps a callable that hashes them when a card or a saved record first needs the digest,
+        and that gives `None` if a source changed in between.
+        """
+        if self.sha256 is None and self.pending_sha256 is not None:
+            self.sha256 = self.pending_sha256()
+            if self.sha256 is None:
+                self.sha256_of = "unknown: the adapter changed after the combination"
+        self.pending_sha256 = None
+        if self.lineage is not None:
+            for source in self.lineage.sources:
+                source.resolve()
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (the lineage nested as a dict)."""
-        data = {key: value for key, value in asdict(self).items() if key != "lineage"}
+        self.resolve()
+        data = {
+            key: getattr(self, key)
+            for key in ("name", "source", "weight", "rank", "alpha", "target_modules", "use_rslora", "sha256")
+        }
+        data.update(sha256_of=self.sha256_of, hub_id=self.hub_id)
         data["lineage"] = self.lineage.to_dict() if self.lineage is not None else None
         return data
 
@@ -199,8 +223,9 @@ class MergeInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict."""
-        data = asdict(self)
-        data["adapters"] = [adapter.to_dict() for adapter in self.adapters]
+        adapters = [adapter.to_dict() for adapter in self.adapters]
+        data = asdict(dataclasses.replace(self, adapters=[]))
+        data["adapters"] = adapters
         return data
 
     def to_lineage(self) -> Lineage:

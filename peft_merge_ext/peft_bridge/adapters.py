@@ -56,7 +56,9 @@ def add_combined_adapter(
     lineage = Lineage(
         method=request.method,
         provider=request.provider,
-        sources=[source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)],
+        sources=[
+            source.describe(a, w, lazy_digest=True) for a, w in zip(request.adapters, request.weights, strict=True)
+        ],
         options=dict(report.options),
         svd_rank=request.svd_rank,
         base_model=hub_id_of(base) or hub_id_of(lora_model.peft_config[request.adapters[0]].base_model_name_or_path),
@@ -68,6 +70,12 @@ def add_combined_adapter(
         lora_model, adapter_name, [(m.module, m.delta) for m in merged], request.adapters[0], lineage, report
     )
     return report
+
+
+def _sources(source: Any, request: Any) -> list[Any]:
+    """The request's adapters as lineage sources, their digests computed when a card or a record needs them."""
+    pairs = zip(request.adapters, request.weights, strict=True)
+    return [source.describe(adapter, weight, lazy_digest=True) for adapter, weight in pairs]
 
 
 def _inject(lora_model: Any, adapter_name: str) -> None:
@@ -167,7 +175,9 @@ def record_peft_lineage(lora_model: Any, adapter_name: str, request: Any) -> Non
     lineage = Lineage(
         method=request.method,
         provider="peft",
-        sources=[source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)],
+        sources=[
+            source.describe(a, w, lazy_digest=True) for a, w in zip(request.adapters, request.weights, strict=True)
+        ],
         options={k: v for k, v in request.options.items() if v is not None},
         svd_rank=request.svd_rank,
         versions=library_versions(),

@@ -80,8 +80,12 @@ class LiveFactorSource:
             )
         return result
 
-    def describe(self, adapter: str, weight: float) -> AdapterInfo:
-        """The card's description of `adapter`: config, content digest, Hub id and lineage when known."""
+    def describe(self, adapter: str, weight: float, lazy_digest: bool = False) -> AdapterInfo:
+        """The card's description of `adapter`: config, content digest, Hub id and lineage when known.
+
+        With `lazy_digest`, the digest is computed when first needed (`AdapterInfo.resolve`), and only if the adapter's
+        tensors are unchanged by then (else it stays unknown).
+        """
         config = self.configs[adapter]
         ranks = [config.r, *(getattr(config, "rank_pattern", None) or {}).values()]
         modules = config.target_modules
@@ -96,8 +100,9 @@ class LiveFactorSource:
             alpha=float(config.lora_alpha),
             target_modules=sorted(modules or []),
             use_rslora=bool(getattr(config, "use_rslora", False)),
-            sha256=_cached_sha256(self.base, adapter, config),
+            sha256=None if lazy_digest else _cached_sha256(self.base, adapter, config),
             sha256_of="tensors",
+            pending_sha256=_digest_later(self.base, adapter, config) if lazy_digest else None,
             hub_id=hub_id,
             lineage=get_lineage(config),
         )
@@ -118,6 +123,26 @@ def adapter_sha256(base: torch.nn.Module, adapter: str) -> str:
             digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
             digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
+
+
+def _digest_later(base: torch.nn.Module, adapter: str, config: Any) -> Any:
+    """A callable giving `adapter`'s digest later, or `None` if its tensors were replaced or modified meanwhile."""
+    import weakref
+
+    tensors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
+    snapshot = [(weakref.ref(t), t._version) for t in tensors]
+    base_ref = weakref.ref(base)
+
+    def digest() -> str | None:
+        model = base_ref()
+        if model is None or any(ref() is None or ref()._version != version for ref, version in snapshot):
+            return None
+        current = [t for info in find_lora_modules(model, [adapter]) for t in factor_tensors(info.module, adapter)]
+        if len(current) != len(snapshot) or any(ref() is not t for (ref, _), t in zip(snapshot, current, strict=True)):
+            return None
+        return _cached_sha256(model, adapter, config)
+
+    return digest
 
 
 def _cached_sha256(base: torch.nn.Module, adapter: str, config: Any) -> str:

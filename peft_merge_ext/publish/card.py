@@ -265,6 +265,8 @@ def build_model_card(
 
     from ..plugins.registry import run_hook
 
+    for adapter in info.adapters:
+        adapter.resolve()  # digests left for later by add_weighted_adapter
     info = _sanitized(info)
     name = public_name(repo_id) or "merged-model"
     method, formula = method_formula(info)

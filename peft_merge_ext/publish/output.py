@@ -50,12 +50,18 @@ def stream_weights(
     max_shard_size: int | str,
     *,
     quiet: bool = True,
+    max_pending_bytes: int | None = None,
 ) -> list[str]:
     """Write every tensor of `items` into shards planned from `specs`; returns the file names written (shards and
-    index)."""
+    index).
+
+    `max_pending_bytes` bounds the tensors handed to the writer thread and not yet written (the background writer's
+    default when `None`); `0` keeps at most one tensor in flight while the next is computed.
+    """
     from tqdm.auto import tqdm
 
-    writer = BackgroundWriter(ShardedSafetensorsWriter(folder, specs, max_shard_size))
+    options = {} if max_pending_bytes is None else {"max_pending_bytes": max_pending_bytes}
+    writer = BackgroundWriter(ShardedSafetensorsWriter(folder, specs, max_shard_size), **options)
     progress = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="Merging", disable=quiet, leave=False)
     try:
         for spec, item in items:
