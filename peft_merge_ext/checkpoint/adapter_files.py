@@ -67,7 +67,6 @@ class AdapterModule:
         kind (`str`): `"linear"` (also GPT-2 `Conv1D`), `"embedding"` or `"conv"`.
         shape (`tuple[int, int]`): The `(out, in)` shape of the canonical delta.
         rank (`int`): The rank `r` of this module.
-        alpha (`float`): Its `lora_alpha`.
         scaling (`float`): `alpha / r`, or `alpha / sqrt(r)` with rslora.
         storage_dtype (`torch.dtype`): The dtype the factors were saved in.
         kernel_shape (`tuple[int, ...]`): The conv kernel size, `()` for other kinds.
@@ -77,7 +76,6 @@ class AdapterModule:
     kind: str
     shape: tuple[int, int]
     rank: int
-    alpha: float
     scaling: float
     storage_dtype: torch.dtype
     kernel_shape: tuple[int, ...] = ()
@@ -114,11 +112,6 @@ class AdapterModule:
             a, b = a.to(device), b.to(device)
         return LowRankDelta(b.to(dtype) * self.scaling, a.to(dtype))
 
-    @property
-    def delta(self) -> LowRankDelta:
-        """The canonical factors in the compute dtype (read from disk on each access)."""
-        return self.load_delta()
-
 
 @dataclass
 class AdapterFiles:
@@ -154,10 +147,6 @@ class AdapterFiles:
     def max_rank(self) -> int:
         """The largest per-module rank."""
         return max(module.rank for module in self.modules.values())
-
-    def nbytes(self) -> int:
-        """Bytes of all canonical factors in the compute dtype (they are read from disk module by module)."""
-        return sum(module.nbytes for module in self.modules.values())
 
     def check_finite(self) -> None:
         """Read every factor once (one tensor in memory at a time) and refuse NaN and Inf, so that a damaged adapter
@@ -262,11 +251,11 @@ def _tensor_source(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.d
     return specs, lambda key: read_tensor(path, key)
 
 
-def _scaling(config: Any, module: str, deadline: float) -> tuple[int, float, float]:
+def _scaling(config: Any, module: str, deadline: float) -> tuple[int, float]:
     rank = int(pattern_value(config.rank_pattern or {}, module, config.r, deadline))
     alpha = pattern_value(config.alpha_pattern or {}, module, config.lora_alpha, deadline)
     scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-    return rank, alpha, scaling
+    return rank, scaling
 
 
 def read_adapter(
@@ -338,7 +327,7 @@ def read_adapter(
             )
         kind = kinds[module]
         (key_a, shape_a, dtype_a), (key_b, shape_b, _) = parts["A"], parts["B"]
-        rank, alpha, scaling = _scaling(config, module, deadline)
+        rank, scaling = _scaling(config, module, deadline)
         if shape_a[0] != rank or shape_b[1] != rank:
             raise MergeInputError(
                 f"Adapter {name!r}: {ADAPTER_CONFIG_NAME} gives {module!r} rank {rank} (r / rank_pattern) but its "
@@ -351,7 +340,6 @@ def read_adapter(
             kind=kind,
             shape=(out_features, in_features),
             rank=rank,
-            alpha=float(alpha),
             scaling=scaling,
             storage_dtype=dtype_a,
             kernel_shape=tuple(shape_a[2:]) if kind == "conv" else (),

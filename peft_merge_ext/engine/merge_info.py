@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,12 @@ VERSIONED_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "huggingf
 
 def library_versions() -> dict[str, str]:
     """The versions of peft-merge-ext and the libraries a merge depends on (those installed)."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
+    """Looked up once per process (package metadata is read from disk)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from .._version import __version__

@@ -12,29 +12,9 @@ import torch
 
 from ..plugins.contract import LowRankDelta
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "delta_in_weight_layout", "merge_delta_into_weight"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "merge_delta_into_weight"]
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 20
-
-
-def delta_in_weight_layout(delta: LowRankDelta, weight_shape: tuple[int, ...], transpose: bool) -> torch.Tensor:
-    """The dense delta laid out like the base weight (materializes the whole matrix: for tests and small modules).
-
-    Args:
-        delta (`LowRankDelta`): Canonical factors (`out x in`, scaling folded in).
-        weight_shape (`tuple[int, ...]`): The base weight's shape.
-        transpose (`bool`): `True` when the weight is stored `in x out`: GPT-2 `Conv1D` (`fan_in_fan_out`) and
-            embeddings (`num_embeddings x embedding_dim`).
-
-    Returns:
-        `torch.Tensor`: `B @ A` (transposed and/or reshaped to `weight_shape` for conv kernels).
-    """
-    dense = delta.B @ delta.A
-    if transpose:
-        dense = dense.T
-    if tuple(dense.shape) != tuple(weight_shape):
-        dense = dense.reshape(weight_shape)
-    return dense
 
 
 def merge_delta_into_weight(

@@ -50,18 +50,19 @@ def stream_weights(
     max_shard_size: int | str,
     *,
     quiet: bool = True,
-    max_pending_bytes: int | None = None,
+    background: bool = True,
 ) -> list[str]:
     """Write every tensor of `items` into shards planned from `specs`; returns the file names written (shards and
     index).
 
-    `max_pending_bytes` bounds the tensors handed to the writer thread and not yet written (the background writer's
-    default when `None`); `0` keeps at most one tensor in flight while the next is computed.
+    With `background` (the streamed merge), a thread writes while the next tensors are computed, holding up to the
+    background writer's bound of pending tensors; without it (the in-memory merge, whose model is already in memory)
+    each tensor is written before the next is computed, so at most one merged tensor exists at a time.
     """
     from tqdm.auto import tqdm
 
-    options = {} if max_pending_bytes is None else {"max_pending_bytes": max_pending_bytes}
-    writer = BackgroundWriter(ShardedSafetensorsWriter(folder, specs, max_shard_size), **options)
+    planned = ShardedSafetensorsWriter(folder, specs, max_shard_size)
+    writer: Any = BackgroundWriter(planned) if background else planned
     progress = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="Merging", disable=quiet, leave=False)
     try:
         for spec, item in items:

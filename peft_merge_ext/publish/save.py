@@ -242,9 +242,8 @@ def _write(plan: _Plan, folder: Path, max_shard_size: int | str) -> list[str]:
         specs = weights.specs()
         items = zip(specs, (tensor for _, tensor in weights.tensors()), strict=True)
         untied = weights.untied
-    # One merged tensor in flight at a time: the in-memory path holds the model already, so it keeps its own extra
-    # memory to about two tensors rather than the streamed merge's 64 MB write-behind window.
-    files = stream_weights(folder, specs, items, max_shard_size, max_pending_bytes=0)
+    # Written in this thread: the model is in memory already, so extra memory stays at one merged tensor.
+    files = stream_weights(folder, specs, items, max_shard_size, background=False)
     if untied:
         names = ", ".join(f"`{key}`" for key in sorted(set(untied)))
         plan.notes.append(
