@@ -17,7 +17,6 @@ merged checkpoint with `merge_checkpoint` (streaming, with its model card) and u
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,8 +145,8 @@ class LoRAMerger:
         Returns:
             `str`: The commit (or pull request) URL.
         """
-        import shutil
-
+        from .checkpoint.output_folder import push_folder
+        from .errors import HubUploadError
         from .publish.hub import check_hub_access, upload_files
         from .publish.merge_checkpoint import merge_checkpoint
 
@@ -160,9 +159,8 @@ class LoRAMerger:
             raise MergeInputError(f"Unknown push_to_hub argument(s): {', '.join(sorted(kwargs))}.")
         target = check_hub_access(repo_id, token=token, **upload_options)  # before the long work
         method = self.method if self.merged_model is not None else "average"
-        parent = None if local_dir is not None else Path(tempfile.mkdtemp(prefix="peft-merge-ext-push-"))
-        folder = Path(local_dir) if local_dir is not None else parent / "merged"
-        try:
+        # A failed upload keeps the folder (the error names it and how to retry); a successful one removes ours.
+        with push_folder(local_dir, "merged", keep_on=(HubUploadError,)) as folder:
             result = merge_checkpoint(
                 self.base_model,
                 self.adapters,
@@ -174,18 +172,10 @@ class LoRAMerger:
                 **checkpoint_options,
                 **self.options,
             )
-        except BaseException:
-            if parent is not None:
-                shutil.rmtree(parent, ignore_errors=True)
-            raise
-        # A failed upload keeps the folder (the error names it and how to retry); a successful one removes ours.
-        url = upload_files(
-            folder,
-            result.files,
-            target,
-            commit_message=message_options.get("commit_message") or "Upload merged model with peft-merge-ext",
-            commit_description=message_options.get("commit_description"),
-        )
-        if parent is not None:
-            shutil.rmtree(parent, ignore_errors=True)
-        return url
+            return upload_files(
+                folder,
+                result.files,
+                target,
+                commit_message=message_options.get("commit_message") or "Upload merged model with peft-merge-ext",
+                commit_description=message_options.get("commit_description"),
+            )

@@ -197,14 +197,10 @@ class Recipe:
         return str(local)
 
 
-def _quote(value: Any, limit: int = 80) -> str:
-    """A short repr of user input: nested values are cut while they are printed, never printed whole first."""
-    import reprlib
+def _quote(value: Any) -> str:
+    from .engine.request import short_repr
 
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
-    text = short.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short_repr(value, 80)
 
 
 def _fail(field_name: str, problem: str) -> RecipeError:

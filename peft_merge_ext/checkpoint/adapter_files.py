@@ -189,7 +189,9 @@ def resolve_folder(path_or_id: str | Path, what: str = "folder", required_file: 
     text = str(path_or_id)
     if path.exists():
         raise MergeInputError(f"The {what} {short_repr(text)} is a file; pass the folder that holds it.")
-    looks_like_repo = re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text) is not None and not text.startswith((".", "/"))
+    from .side_files import hub_id_of
+
+    looks_like_repo = hub_id_of(text, require_namespace=False) is not None
     if looks_like_repo:
         from huggingface_hub import snapshot_download
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ from .output_lock import OutputLock, SignalGuard, probe_lock
 from .output_messages import error_reason, folder_label
 from .output_swap import MARKER_NAME, has_marker, is_empty_dir, make_temporary, swap_into_place, write_marker
 
-__all__ = ["MARKER_NAME", "atomic_directory", "check_output", "cleanup_stale", "output_folder"]
+__all__ = ["MARKER_NAME", "atomic_directory", "check_output", "cleanup_stale", "output_folder", "push_folder"]
 
 PathLike = str | os.PathLike
 
@@ -294,3 +295,24 @@ def atomic_directory(destination: PathLike, overwrite: bool = False) -> Iterator
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     swap_into_place(temporary, destination, given, "output")
+
+
+@contextlib.contextmanager
+def push_folder(
+    local_dir: PathLike | None, name: str, keep_on: tuple[type[BaseException], ...] = ()
+) -> Iterator[Path]:
+    """Where a push builds the output it uploads: `local_dir` when given (the caller's, never removed here), else
+    `name` inside a new private temporary folder, which is removed when the block ends, unless it raises one of
+    `keep_on` (a failed upload keeps the merged folder for the retry its error names)."""
+    if local_dir is not None:
+        yield Path(local_dir)
+        return
+    parent = Path(tempfile.mkdtemp(prefix="peft-merge-ext-push-"))
+    try:
+        yield parent / name
+    except keep_on:
+        raise
+    except BaseException:
+        shutil.rmtree(parent, ignore_errors=True)
+        raise
+    shutil.rmtree(parent, ignore_errors=True)

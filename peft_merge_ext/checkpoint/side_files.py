@@ -59,6 +59,7 @@ _DTYPE_ALIASES = {
     "float64": "float64",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BARE_OR_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_FOLDER = re.compile(r"models--([^/\\]+?)--([^/\\]+)")
 
 
@@ -87,16 +88,18 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def hub_id_of(name_or_path: str | os.PathLike | None) -> str | None:
-    """The Hub id a model name stands for: the name itself when it is `owner/name` and no such local path exists,
-    the id encoded in a Hugging Face cache folder, else `None` (a local path is never a Hub id)."""
+def hub_id_of(name_or_path: str | os.PathLike | None, *, require_namespace: bool = True) -> str | None:
+    """The Hub id a model name stands for: the name itself when it is `owner/name` (or, with
+    `require_namespace=False`, a bare `name`) and no such local path exists, the id encoded in a Hugging Face cache
+    folder, else `None` (a local path is never a Hub id)."""
     if not name_or_path:
         return None
     text = str(name_or_path)
     match = _CACHE_FOLDER.search(text)
     if match:
         return f"{match.group(1)}/{match.group(2)}"
-    if not _HUB_ID.match(text) or Path(text).expanduser().exists():
+    pattern = _HUB_ID if require_namespace else _BARE_OR_HUB_ID
+    if not pattern.match(text) or Path(text).expanduser().exists():
         return None
     return text
 

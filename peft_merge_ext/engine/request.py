@@ -290,6 +290,14 @@ def _check_options(options: Mapping[str, Any], accepted: Collection[str], owner:
 
 
 def short_repr(value: Any, limit: int = 200) -> str:
-    """`repr(value)` cut to `limit` characters, for error messages that quote user input."""
-    text = str(value) if isinstance(value, BaseException) else repr(value)
+    """`repr(value)` cut to `limit` characters, for error messages that quote user input. Nested values are cut
+    while they are printed (`reprlib`), never printed whole first: a YAML alias bomb stays cheap to quote."""
+    import reprlib
+
+    if isinstance(value, BaseException):
+        text = str(value)
+    else:
+        short = reprlib.Repr()
+        short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+        text = short.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

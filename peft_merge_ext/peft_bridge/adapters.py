@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -21,15 +22,23 @@ from ..plugins.contract import LowRankDelta
 from .records import RECORDS, set_lineage, set_report
 from .source import LiveFactorSource, merge_live
 
-__all__ = ["add_combined_adapter", "check_new_adapter_name", "create_adapter", "record_peft_lineage"]
+__all__ = [
+    "add_combined_adapter",
+    "check_new_adapter_name",
+    "create_adapter",
+    "freeze_adapter",
+    "record_peft_lineage",
+]
 
 _INJECT_LOCK = threading.Lock()
 
 
 def check_new_adapter_name(lora_model: Any, adapter_name: Any) -> None:
     """Refuse a name PEFT cannot use for a new adapter, or one already taken."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name.isspace():
-        raise MergeInputError(f"adapter_name must be a non-empty string without '.', got {str(adapter_name)[:80]!r}.")
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[^.\s]+", adapter_name):
+        raise MergeInputError(
+            f"adapter_name must be a non-empty string without '.' or spaces, got {str(adapter_name)[:80]!r}."
+        )
     if adapter_name in lora_model.peft_config:
         raise MergeInputError(
             f"An adapter named {adapter_name!r} already exists; pick a free name or delete it first with "
@@ -154,14 +163,28 @@ def _fill(lora_model: Any, adapter_name: str, merged: Sequence[tuple[Any, LowRan
             raise CombinationError(f"PEFT did not create adapter {adapter_name!r} at {module.name!r}.")
         write_factors(layer, adapter_name, delta, module.storage_dtype)
         layer.scaling[adapter_name] = 1.0
-    for name, parameter in lora_model.model.named_parameters():
-        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-            if parameter.device.type == "meta":
-                raise CombinationError(
-                    f"Creating adapter {adapter_name!r} left {name} on the meta device: another thread was creating "
-                    "modules under accelerate's init_empty_weights at the same time. Retry."
-                )
-            parameter.requires_grad = False
+    for name, parameter in adapter_parameters(lora_model, adapter_name):
+        if parameter.device.type == "meta":
+            raise CombinationError(
+                f"Creating adapter {adapter_name!r} left {name} on the meta device: another thread was creating "
+                "modules under accelerate's init_empty_weights at the same time. Retry."
+            )
+    freeze_adapter(lora_model, adapter_name)
+
+
+def adapter_parameters(lora_model: Any, adapter_name: str) -> list[tuple[str, Any]]:
+    """`(name, parameter)` of every parameter of adapter `adapter_name` in a `LoraModel`."""
+    return [
+        (name, parameter)
+        for name, parameter in lora_model.model.named_parameters()
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}")
+    ]
+
+
+def freeze_adapter(lora_model: Any, adapter_name: str) -> None:
+    """Set `requires_grad=False` on every parameter of adapter `adapter_name` (a merge result is not trained)."""
+    for _, parameter in adapter_parameters(lora_model, adapter_name):
+        parameter.requires_grad_(False)
 
 
 def record_peft_lineage(lora_model: Any, adapter_name: str, request: Any) -> None:

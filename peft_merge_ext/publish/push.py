@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import MergeInputError
+from ..checkpoint.output_folder import push_folder
+from ..errors import HubUploadError, MergeInputError
 from .save import MergeArguments, _check_card_inputs, _resolve, save_to_folder
 
 __all__ = ["push_merged"]
@@ -119,30 +118,20 @@ def push_merged(
     args = MergeArguments.of(locals(), push_merged)
     fingerprint = _fingerprint(model, repo_id, args)
     target = check_hub_access(repo_id, token=token, private=private, revision=revision, create_pr=create_pr)
-    temporary_parent = None
-    if local_dir is not None:
-        folder = Path(local_dir)
-        files = _reusable(folder, fingerprint)
+    # A failed upload keeps the merged folder (its error names it and the retry); anything else removes ours.
+    with push_folder(local_dir, repo_id.replace("/", "--"), keep_on=(HubUploadError,)) as folder:
+        files = _reusable(folder, fingerprint) if local_dir is not None else None
         if files is None:
             _, files = save_to_folder(model, folder, False, args, fingerprint)
-    else:
-        temporary_parent = Path(tempfile.mkdtemp(prefix="peft-merge-ext-push-"))
-        folder = temporary_parent / repo_id.replace("/", "--")
-        try:
-            _, files = save_to_folder(model, folder, False, args, fingerprint)
-        except BaseException:
-            shutil.rmtree(temporary_parent, ignore_errors=True)
-            raise
-    url = upload_files(
-        folder,
-        files,
-        target,
-        commit_message=commit_message
-        or (
-            "Upload merged model with peft-merge-ext" if merge_into_base else "Upload LoRA adapter with peft-merge-ext"
-        ),
-        commit_description=commit_description,
-    )
-    if temporary_parent is not None:
-        shutil.rmtree(temporary_parent, ignore_errors=True)
-    return url
+        return upload_files(
+            folder,
+            files,
+            target,
+            commit_message=commit_message
+            or (
+                "Upload merged model with peft-merge-ext"
+                if merge_into_base
+                else "Upload LoRA adapter with peft-merge-ext"
+            ),
+            commit_description=commit_description,
+        )

@@ -95,12 +95,11 @@ class PeftCandidates:
             self.created = False
 
     def add_final(self, weights: list[float], name: str, search: dict[str, Any]) -> None:
+        from ..peft_bridge.adapters import freeze_adapter
         from ..peft_bridge.records import get_lineage
 
         self._add(weights, name)
-        for parameter_name, parameter in self.lora_model.model.named_parameters():
-            if f".{name}." in parameter_name or parameter_name.endswith(f".{name}"):
-                parameter.requires_grad_(False)
+        freeze_adapter(self.lora_model, name)
         lineage = get_lineage(self.lora_model.peft_config[name])
         if lineage is not None:
             lineage.search = search

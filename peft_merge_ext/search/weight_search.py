@@ -12,7 +12,6 @@ the arguments, runs the trials and keeps their history. `peft-merge-ext search` 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..errors import CombinationError, EvaluationInputError, MergeInputError
 from ..peft_bridge.adapter_state import AdapterState, activate, lora_model_of
+from ..peft_bridge.adapters import check_new_adapter_name
 from .candidates import PeftCandidates, PluginCandidates
 from .optimizers import BudgetSpent, optuna_or_none, run_builtin, run_optuna
 
@@ -206,13 +206,7 @@ def search_weights(
     batch_size = _check_positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MergeInputError(f"seed must be an integer, got {seed!r}.")
-    if not isinstance(adapter_name, str) or not re.fullmatch(r"[^.\s]+", adapter_name):
-        raise MergeInputError(f"adapter_name must be a non-empty string without '.' or spaces, got {adapter_name!r}.")
-    if adapter_name in lora_model.peft_config:
-        raise MergeInputError(
-            f"An adapter named {adapter_name!r} already exists; pick a free adapter_name or delete it first with "
-            f"model.delete_adapter({adapter_name!r})."
-        )
+    check_new_adapter_name(lora_model, adapter_name)
     if SCRATCH_ADAPTER in lora_model.peft_config or adapter_name == SCRATCH_ADAPTER:
         raise MergeInputError(f"The adapter name {SCRATCH_ADAPTER!r} is reserved for the search's scratch adapter.")
     if optimizer not in OPTIMIZERS:
