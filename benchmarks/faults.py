@@ -457,6 +457,30 @@ def stderr_lines(text: str) -> list[str]:
 
 
 class Bench:
+    def check_failure(
+        self, scenario: str, returncode: int, stderr: str, expected: int, shown_command: str, label: str = ""
+    ) -> list[str]:
+        """Count a wrong exit code, and stderr other than one `peft-merge-ext: ...` line; returns the lines."""
+        lines = stderr_lines(stderr)
+        where = f"{label}: " if label else ""
+        if returncode != expected:
+            detail = f"{where}exit {returncode}, expected {expected}; last stderr lines: {lines[-2:]}"
+            self.report.fail(scenario, "wrong exit codes", detail, shown_command)
+        if len(lines) != 1 or not lines[0].startswith("peft-merge-ext:"):
+            detail = f"{where}{len(lines)} stderr lines, expected one 'peft-merge-ext: ...' line: {lines[-3:]}"
+            self.report.fail(scenario, "other failed checks", detail, shown_command)
+        return lines
+
+    def check_complete(self, scenario: str, out: Path, shown_command: str, label: str) -> str:
+        """Count an output that is not the complete reference result, and leftovers next to it; returns its state."""
+        state, what = check_result(out, [self.refs["P"]])
+        if state != "complete":
+            self.report.fail(scenario, "outputs half-written", f"{label} {state} {what}", shown_command)
+        found = leftovers(out)
+        if found:
+            self.report.fail(scenario, "leftovers after next run", f"{found}", shown_command, amount=len(found))
+        return state
+
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args, self.work = args, work
         self.rng = random.Random(args.seed)
@@ -741,23 +765,9 @@ class Bench:
         )
         seconds = time.monotonic() - started
         shown_command = f"{setup}; {shown(command, self.work)}"
-        lines = stderr_lines(completed.stderr)
+        lines = self.check_failure(scenario, completed.returncode, completed.stderr, 2, shown_command, label)
         last = lines[-1] if lines else ""
-        if completed.returncode != 2:
-            self.report.fail(
-                scenario,
-                "wrong exit codes",
-                f"{label}: exit {completed.returncode}, expected 2; last stderr line: {last!r}",
-                shown_command,
-            )
-        if len(lines) != 1 or not lines[0].startswith("peft-merge-ext: error:"):
-            self.report.fail(
-                scenario,
-                "other failed checks",
-                f"{label}: {len(lines)} stderr lines, expected one 'peft-merge-ext: error: ...' line; last: {last!r}",
-                shown_command,
-            )
-        elif str(out.parent) not in last:
+        if len(lines) == 1 and str(out.parent) not in last:
             self.report.fail(
                 scenario,
                 "other failed checks",
@@ -823,18 +833,7 @@ class Bench:
                 command = self.merge_command("Q", out, *extra)
                 run = self.runner.watch(command, out)
                 shown_command = f"chattr +i $W/ro; {shown(command, self.work)}"
-                lines = stderr_lines(run.stderr)
-                if run.returncode != 2:
-                    self.report.fail(
-                        scenario, "wrong exit codes", f"{variant}: exit {run.returncode}, expected 2", shown_command
-                    )
-                if len(lines) != 1 or not lines[0].startswith("peft-merge-ext: error:"):
-                    self.report.fail(
-                        scenario,
-                        "other failed checks",
-                        f"{variant}: stderr is not one error line: {lines[-3:]}",
-                        shown_command,
-                    )
+                lines = self.check_failure(scenario, run.returncode, run.stderr, 2, shown_command, variant)
                 if run.first_tmp is not None:
                     self.report.fail(
                         scenario, "other failed checks", f"{variant}: a temporary folder appeared", shown_command
@@ -997,21 +996,8 @@ class Bench:
         command = self.merge_command("P", out, "--push", repo_id)
         shown_command = f"server.fail('commit', 500); {shown(command, self.work)}"
         run = self.runner.watch(command, out, env=env)
-        lines = stderr_lines(run.stderr)
-        if run.returncode != 1:
-            self.report.fail(
-                scenario, "wrong exit codes", f"exit {run.returncode}, expected 1: {lines[-2:]}", shown_command
-            )
-        if len(lines) != 1:
-            self.report.fail(
-                scenario, "other failed checks", f"{len(lines)} stderr lines: {lines[-3:]}", shown_command
-            )
-        state, what = check_result(out, [self.refs["P"]])
-        if state != "complete":
-            self.report.fail(scenario, "outputs half-written", f"local folder {state} {what}", shown_command)
-        found = leftovers(out)
-        if found:
-            self.report.fail(scenario, "leftovers after next run", f"{found}", shown_command, amount=len(found))
+        lines = self.check_failure(scenario, run.returncode, run.stderr, 1, shown_command)
+        state = self.check_complete(scenario, out, shown_command, "local folder")
         self.check_inputs(scenario, command)
         print(f"  push with a failing commit: exit {run.returncode}, local output {state}", flush=True)
         print(f"    stderr: {(lines[-1] if lines else '')[:300]}", flush=True)
@@ -1050,15 +1036,7 @@ class Bench:
         command = self.merge_command("P", out, "--push", repo_id)
         shown_command = f"HF_TOKEN=hf_xxx {shown(command, self.work)}"
         run = self.runner.watch(command, out, env=bad_env)
-        lines = stderr_lines(run.stderr)
-        if run.returncode != 1:
-            self.report.fail(
-                scenario, "wrong exit codes", f"exit {run.returncode}, expected 1: {lines[-2:]}", shown_command
-            )
-        if len(lines) != 1:
-            self.report.fail(
-                scenario, "other failed checks", f"{len(lines)} stderr lines: {lines[-3:]}", shown_command
-            )
+        lines = self.check_failure(scenario, run.returncode, run.stderr, 1, shown_command)
         if run.first_tmp is not None:
             self.report.fail(
                 scenario, "other failed checks", "a temporary folder was created: it merged first", shown_command
@@ -1087,12 +1065,7 @@ class Bench:
             self.report.fail(
                 scenario, "wrong exit codes", f"exit {run.returncode}: {stderr_lines(run.stderr)[-2:]}", shown_command
             )
-        state, what = check_result(out, [self.refs["P"]])
-        if state != "complete":
-            self.report.fail(scenario, "outputs half-written", f"output {state} {what}", shown_command)
-        found = leftovers(out)
-        if found:
-            self.report.fail(scenario, "leftovers after next run", f"{found}", shown_command, amount=len(found))
+        state = self.check_complete(scenario, out, shown_command, "output")
         self.check_inputs(scenario, command)
         print(f"  push: exit {run.returncode}, output {state}", flush=True)
         if run.returncode == 0:
