@@ -14,6 +14,8 @@ options: {t: [0.2, 0.8]}        # the method's own options, nothing else
 svd_rank: null
 dtype: bfloat16                 # optional
 merge_into_base: true           # false: write the combined adapter
+format: gguf                    # optional: safetensors (default) or gguf (one llama.cpp file)
+gguf_type: q8_0                 # with format gguf: f32, f16 (default), bf16 or q8_0
 output: merged
 push: {repo_id: user/name, private: false}   # optional
 ```
@@ -52,10 +54,21 @@ __all__ = [
     "RecipeError",
     "RecipeStep",
     "load_recipe",
+    "read_recipe_yaml",
     "recipe_from_merge_info",
 ]
 
-STEP_FIELDS = ("adapters", "method", "options", "svd_rank", "dtype", "merge_into_base", "output")
+STEP_FIELDS = (
+    "adapters",
+    "method",
+    "options",
+    "svd_rank",
+    "dtype",
+    "merge_into_base",
+    "output",
+    "format",
+    "gguf_type",
+)
 _FIELDS = ("base", *STEP_FIELDS, "push")
 UNKNOWN_BASE = "PATH/TO/BASE-MODEL"
 MAX_RECIPE_BYTES = 1_000_000
@@ -80,6 +93,8 @@ NOT_OPTIONS = frozenset(
         "svd_rank",
         "combination_type",
         "merge_into_base",
+        "format",
+        "gguf_type",
     }
 )
 
@@ -115,9 +130,12 @@ class RecipeStep:
     dtype: str | None = None
     merge_into_base: bool = True
     output: str = "merged"
+    format: str = "safetensors"
+    gguf_type: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The step as plain data, in the documented field order."""
+        """The step as plain data, in the documented field order (`format` / `gguf_type` only for GGUF)."""
+        gguf = {"format": self.format, "gguf_type": self.gguf_type} if self.format != "safetensors" else {}
         return {
             "adapters": [{"path": a.path, "weight": a.weight} for a in self.adapters],
             "method": self.method,
@@ -126,6 +144,7 @@ class RecipeStep:
             "dtype": self.dtype,
             "merge_into_base": self.merge_into_base,
             "output": self.output,
+            **gguf,
         }
 
 
@@ -275,7 +294,17 @@ def _parse_step(data: Any, where: str) -> RecipeStep:
     output = _string(data.get("output", "merged"), f"{where}output")
     if len(adapters) > 1 and method is None:
         raise _fail(f"{where}method", f"is required to combine {len(adapters)} adapters (e.g. weighted, slerp).")
-    return RecipeStep(adapters, method, dict(options), svd_rank, dtype, merge_into_base, output)
+    output_format = _string(data.get("format"), f"{where}format", optional=True)
+    gguf_type = _string(data.get("gguf_type"), f"{where}gguf_type", optional=True)
+    from .gguf_output.options import parse_output_format
+
+    try:
+        chosen = parse_output_format(output_format, gguf_type)
+    except MergeInputError as error:
+        raise _fail(f"{where}format" if gguf_type is None else f"{where}gguf_type", str(error)) from None
+    return RecipeStep(
+        adapters, method, dict(options), svd_rank, dtype, merge_into_base, output, chosen.name, chosen.gguf_type
+    )
 
 
 def _parse(data: Any, source_dir: Path | None) -> Recipe:
@@ -299,6 +328,13 @@ def _parse(data: Any, source_dir: Path | None) -> Recipe:
     outputs = [step.output for step in steps]
     if len(set(outputs)) != len(outputs):
         raise _fail("output", "is the same for two steps; give each step its own output folder.")
+    for index, step in enumerate(steps[:-1]):
+        if step.format == "gguf":
+            raise _fail(
+                f"steps[{index}].format",
+                "is gguf, which later steps cannot read; only the last step may write GGUF (the others write the "
+                "safetensors folders the next steps read).",
+            )
     push = data.get("push")
     if push is not None:
         if isinstance(push, str):
@@ -357,6 +393,16 @@ def load_recipe(path_or_text: str | Path) -> Recipe:
     Raises:
         `RecipeError` (a `MergeInputError`): For invalid YAML or any invalid field; the message names the field.
     """
+    return _parse(*read_recipe_yaml(path_or_text))
+
+
+def read_recipe_yaml(path_or_text: str | Path) -> tuple[Any, Path | None]:
+    """The YAML data of a recipe file (or text), checked for size and alias expansion, and the file's folder (`None`
+    for text). Shared by `load_recipe` and the mergekit configuration reader.
+
+    Raises:
+        `RecipeError`: For a missing, oversized, non-UTF-8 or invalid YAML file.
+    """
     import yaml
 
     source_dir = None
@@ -378,7 +424,7 @@ def load_recipe(path_or_text: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RecipeError(f"The recipe is not valid YAML: {' '.join(str(error).split())[:300]}") from None
-    return _parse(data, source_dir)
+    return data, source_dir
 
 
 def recipe_from_merge_info(info: Any, output: str = "merged") -> Recipe:
@@ -411,15 +457,22 @@ def recipe_from_merge_info(info: Any, output: str = "merged") -> Recipe:
             fill_in.append(name)
         return name
 
-    def add_step(sources: Any, how: Any, out: str, merge_into_base: bool, dtype: str | None) -> None:
+    def add_step(
+        sources: Any, how: Any, out: str, merge_into_base: bool, dtype: str | None, written: Any = None
+    ) -> None:
         entries = [AdapterEntry(path_of(source), float(source.weight)) for source in sources]
         method = how.method if getattr(how, "method", None) not in ("none", "") else None
-        steps.append(RecipeStep(entries, method, dict(how.options or {}), how.svd_rank, dtype, merge_into_base, out))
+        step = RecipeStep(entries, method, dict(how.options or {}), how.svd_rank, dtype, merge_into_base, out)
+        if getattr(written, "output_format", "safetensors") != "safetensors":
+            step.format, step.gguf_type = written.output_format, written.gguf_type
+        steps.append(step)
 
     class _Final:
         method = info.combination_type
         options = info.options
         svd_rank = info.svd_rank
 
-    add_step(info.adapters, _Final, output, bool(info.merge_into_base), info.dtype if info.merge_into_base else None)
+    add_step(
+        info.adapters, _Final, output, bool(info.merge_into_base), info.dtype if info.merge_into_base else None, info
+    )
     return Recipe(base=info.base_model or UNKNOWN_BASE, steps=steps, fill_in=fill_in)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -316,21 +317,34 @@ def _rewrite_adapter(folder: Path, destination: Path, config_changes=None, extra
 
 def test_unsupported_adapters_are_refused(llama_files, tmp_path):
     base, folders, _ = llama_files
+    # Configs and files that disagree (DoRA, modules_to_save and the rest are merged: tests/test_adapter_features.py).
     cases = {
-        "dora": ({"use_dora": True}, None, "DoRA"),
-        "bias": ({"lora_bias": True}, None, "lora_bias"),
-        "modules": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+        "dora": ({"use_dora": True}, None, MergeInputError, "no lora_magnitude_vector"),
         "magnitude": (
             None,
             {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)},
-            "DoRA",
+            AdapterCompatibilityError,
+            "does not set use_dora",
         ),
-        "stray": (None, {"base_model.model.lm_head.weight": torch.ones(64, 32)}, "not a LoRA factor"),
+        "stray": (
+            None,
+            {"base_model.model.lm_head.weight": torch.ones(64, 32)},
+            AdapterCompatibilityError,
+            "neither a LoRA factor nor",
+        ),
     }
-    for name, (changes, extra, match) in cases.items():
+    for name, (changes, extra, error, match) in cases.items():
         folder = _rewrite_adapter(folders["b"], tmp_path / name, changes, extra)
-        with pytest.raises(AdapterCompatibilityError, match=match):
+        with pytest.raises(error, match=match):
             merge_checkpoint(base, [folder], out=tmp_path / "merged", quiet=True)
+    # Options whose tensors are absent change nothing: the same bytes as the plain adapter.
+    plain = load_weights(merge_checkpoint(base, [folders["b"]], out=tmp_path / "plain", quiet=True).path)
+    for name, changes in (("bias", {"lora_bias": True}), ("modules", {"modules_to_save": ["lm_head"]})):
+        folder = _rewrite_adapter(folders["b"], tmp_path / name, changes)
+        merged = load_weights(merge_checkpoint(base, [folder], out=tmp_path / f"{name}-out", quiet=True).path)
+        assert merged.keys() == plain.keys() and all(torch.equal(merged[k], plain[k]) for k in plain)
+        shutil.rmtree(tmp_path / f"{name}-out")
+    shutil.rmtree(tmp_path / "plain")
     ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(AdapterCompatibilityError, match="only LoRA"):

@@ -230,9 +230,9 @@ def load_config(folder: Path, source: str) -> LoraAdapterConfig:
 def check_config(config: LoraAdapterConfig, name: str) -> None:
     from ..engine.request import check_adapter_configs
 
-    check_adapter_configs({name: config}, [name])
+    check_adapter_configs({name: config}, [name], merge_into_base=True)  # features: checked per request
     for variant in LORA_VARIANT_FIELDS:
-        if getattr(config, variant, None):
+        if variant != "use_dora" and getattr(config, variant, None):  # DoRA: `engine.features` decides
             raise AdapterCompatibilityError(
                 f"Adapter {name!r} uses the LoRA variant {variant}={getattr(config, variant)!r}: its update is not "
                 "B @ A and cannot be merged exactly from its factors."

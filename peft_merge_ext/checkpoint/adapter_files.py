@@ -6,6 +6,8 @@ A saved adapter is a folder with `adapter_config.json` and `adapter_model.safete
 (`out x in`, conv kernels flattened) with the LoRA scaling folded into `B`, resolved per module from `r`,
 `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern` exactly as PEFT resolves them when it loads the
 adapter. The arithmetic is the same as `lora_layers.read_factors` on a loaded model, so both give identical factors.
+What an adapter stores beyond its factors (DoRA magnitudes, LoRA biases, `modules_to_save` copies, trainable token
+rows, LoRA on parameters) is read by `adapter_extras`.
 
 PEFT is not imported (with it come transformers and bitsandbytes: seconds of start-up and over 100 MB): the config is
 parsed into a `LoraAdapterConfig` and pattern keys are resolved by `pattern_value`, with PEFT's documented rules, in
@@ -127,6 +129,9 @@ class AdapterFiles:
         sha256 (`str`): SHA-256 of that file.
         saved_base_layers (`dict[str, tuple[int, ...]]`): Base weights PEFT saved alongside (embeddings with
             `save_embedding_layers`), weight key -> shape; they must match the base checkpoint.
+        extras (`AdapterExtras`): What it adds beyond LoRA factors on modules (`adapter_extras.read_extras`).
+        param_wrappers (`list[ParamWrapperFiles]`): LoRA on `nn.Parameter`s, resolved against the base checkpoint's
+            tensors by `adapter_extras.resolve_param_wrappers`.
     """
 
     name: str
@@ -137,6 +142,8 @@ class AdapterFiles:
     weights_file: Path
     sha256: str
     saved_base_layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    extras: Any = None
+    param_wrappers: list[Any] = field(default_factory=list)
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -145,8 +152,8 @@ class AdapterFiles:
 
     @property
     def max_rank(self) -> int:
-        """The largest per-module rank."""
-        return max(module.rank for module in self.modules.values())
+        """The largest per-module rank (LoRA on parameters included)."""
+        return max([*(module.rank for module in self.modules.values()), *(w.rank for w in self.param_wrappers)])
 
     def check_finite(self) -> None:
         """Read every factor once (one tensor in memory at a time) and refuse NaN and Inf, so that a damaged adapter
@@ -283,7 +290,8 @@ def read_adapter(
 
     Raises:
         `MergeInputError`: Missing files, pickle refused, unexpected tensors, ranks inconsistent with the config.
-        `AdapterCompatibilityError`: Non-LoRA adapters, DoRA, lora_bias, modules_to_save, LoRA variants.
+        `AdapterCompatibilityError`: Non-LoRA adapters, LoRA variants other than DoRA, tensors the config does not
+            declare.
     """
     source = str(path_or_id)
     folder = resolve_folder(path_or_id, "adapter", ADAPTER_CONFIG_NAME)
@@ -292,37 +300,40 @@ def read_adapter(
     check_config(config, name)
     weights_file = _weights_path(folder, source, allow_pickle)
     specs, reader = _tensor_source(weights_file)
+    from .adapter_extras import ExtrasReader
+
     factors: dict[str, dict[str, tuple[str, tuple[int, ...], torch.dtype]]] = {}
     kinds: dict[str, str] = {}
     saved_base_layers: dict[str, tuple[int, ...]] = {}
+    extras = ExtrasReader(name, config, reader)
     for key, (shape, dtype) in specs.items():
         short = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        if "lora_magnitude_vector" in short:
-            raise AdapterCompatibilityError(
-                f"Adapter {name!r} holds DoRA magnitudes ({key}); its update is not B @ A and cannot be merged "
-                "exactly."
-            )
         if match := _FACTOR_KEY.match(short):
             module, part = match.group("module"), match.group("part")[-1]
             kinds.setdefault(module, "linear" if len(shape) == 2 else "conv")
         elif match := _EMBEDDING_KEY.match(short):
             module, part = match.group("module"), match.group("part")[-1]
             kinds.setdefault(module, "embedding")
+        elif extras.take(key, short, shape):  # DoRA, lora_bias, modules_to_save, trainable tokens
+            continue
         elif match := _BASE_LAYER_KEY.match(short):
             saved_base_layers[f"{match.group('module')}.weight"] = shape
             continue
         else:
             raise AdapterCompatibilityError(
-                f"Adapter {name!r} has a tensor that is not a LoRA factor: {key!r} (a LoRA bias, a modules_to_save "
-                "copy or trainable tokens). Only plain LoRA factors can be merged from files."
+                f"Adapter {name!r} has a tensor that is neither a LoRA factor nor a piece its adapter_config.json "
+                f"declares (use_dora, lora_bias, modules_to_save, trainable_token_indices, target_parameters): "
+                f"{key!r}. The config does not belong to these weights; save the adapter again with PEFT."
             )
         factors.setdefault(module, {})[part] = (key, shape, dtype)
-    if not factors:
+    if not factors and not extras.found:
         raise MergeInputError(f"Adapter {name!r} ({weights_file}) holds no LoRA factors.")
     target_device = torch.device(device) if device is not None else None
     deadline = time.monotonic() + PATTERN_BUDGET_S
     modules: dict[str, AdapterModule] = {}
     for module, parts in factors.items():
+        if extras.take_param_wrapper(module, parts, _scaling(config, _unwrapped(module), deadline)):
+            continue
         if set(parts) != {"A", "B"}:
             raise MergeInputError(
                 f"Adapter {name!r} has only lora_{''.join(parts)} for {module!r}; the file is damaged."
@@ -350,6 +361,14 @@ def read_adapter(
             compute_dtype=compute_dtype,
             device=target_device,
         )
+    extras_found = extras.finish({module: m.scaling for module, m in modules.items()})
+    undressed = [m.name for m in modules.values() if config.use_dora and m.weight_key not in extras_found.magnitudes]
+    if undressed:
+        raise MergeInputError(
+            f"Adapter {name!r} sets use_dora=True but {weights_file.name} has no lora_magnitude_vector for "
+            f"{undressed[:3]}; the file is damaged or the config does not belong to it. Save the adapter again "
+            "with PEFT."
+        )
     return AdapterFiles(
         name=name,
         folder=folder,
@@ -359,4 +378,10 @@ def read_adapter(
         weights_file=weights_file,
         sha256=sha256_of_file(weights_file),
         saved_base_layers=saved_base_layers,
+        extras=extras_found,
+        param_wrappers=extras.param_wrappers,
     )
+
+
+def _unwrapped(module: str) -> str:
+    return module.replace(".base_layer", "")

@@ -36,6 +36,7 @@ _RESET = {
     "use_rslora": False,
     "use_dora": False,
     "lora_bias": False,
+    "bias": "none",
     "layers_to_transform": None,
     "layers_pattern": None,
     "exclude_modules": None,

@@ -79,12 +79,15 @@ class BaseCheckpoint:
         self.by_name = {tensor.name: tensor for tensor in self.tensors}
         self.untied: list[str] = []
 
-    def untie(self, tied: Mapping[str, str], touched: set[str]) -> None:
-        """Write a tied weight stored once (`{target: source}`) on its own when a merge touches either side."""
+    def untie(self, tied: Mapping[str, str], touched: set[str], edits: Mapping[str, Any] | None = None) -> None:
+        """Write a tied weight stored once (`{target: source}`) on its own when a merge touches either side with a
+        LoRA delta (`touched`), or gives the two sides different `edits` (`lowrank.tensor_edits`)."""
+        from ..lowrank.tensor_edits import same_edits
+
         for target, source in tied.items():
             if target in self.by_name or source not in self.by_name:
                 continue
-            if target in touched or source in touched:
+            if target in touched or source in touched or not same_edits(edits or {}, [target, source]):
                 original = self.by_name[source]
                 alias = BaseTensor(target, original.file, original.shape, original.dtype, source, original.data_offset)
                 self.tensors.insert(self.tensors.index(original) + 1, alias)
@@ -110,6 +113,7 @@ class BaseCheckpoint:
         targets: Mapping[str, bool],
         out_dtype: Any,
         device: Any = None,
+        edits: Mapping[str, Any] | None = None,
     ) -> Iterator[tuple[TensorSpec, Any]]:
         """`(spec, tensor or CopyFromFile)` for every tensor in storage order.
 
@@ -119,25 +123,29 @@ class BaseCheckpoint:
             targets (`Mapping[str, bool]`): Weight key -> whether the weight is stored `in x out`.
             out_dtype (`torch.dtype`, *optional*): Output dtype of floating-point tensors.
             device (`torch.device`, *optional*): Where the merge is computed.
+            edits (`Mapping[str, TensorEdit]`, *optional*): What the adapters add beyond `B @ A`, per tensor key.
         """
-        from ..lowrank.weight_merge import merge_delta_into_weight
+        from ..lowrank.tensor_edits import apply_edit
 
+        edits = edits or {}
         for tensor, spec in zip(self.tensors, self.specs(out_dtype), strict=True):
-            if tensor.name not in targets and tensor.data_offset is not None and spec.dtype == tensor.dtype:
+            changed = tensor.name in targets or tensor.name in edits
+            if not changed and tensor.data_offset is not None and spec.dtype == tensor.dtype:
                 yield spec, CopyFromFile(tensor.file, tensor.data_offset)
                 continue
             value = self.read(tensor)
-            if tensor.name in targets:
-                delta = delta_for(tensor.name)
+            if changed:
+                delta = delta_for(tensor.name) if tensor.name in targets else None
                 on_device = value.to(device) if device is not None else value
                 # In place only into a copy: writing into the read tensor itself (a private memory map of the file)
                 # costs a copy-on-write page fault per page, several times slower than fresh memory.
                 yield (
                     spec,
-                    merge_delta_into_weight(
+                    apply_edit(
                         on_device,
                         delta,
-                        targets[tensor.name],
+                        targets.get(tensor.name, False),
+                        edits.get(tensor.name),
                         spec.dtype,
                         inplace=on_device.data_ptr() != value.data_ptr(),
                     ),

@@ -150,7 +150,10 @@ def combine_factors(
     """
     combination = request.combination
     shape = deltas[0].shape
-    context = ModuleContext(name, layer_index, layers, request.svd_rank)
+    # With svd_energy the type computes the full delta; the rank and energy bounds are applied together below, so
+    # the energy kept is a fraction of the whole delta's energy.
+    energy = request.svd_energy
+    context = ModuleContext(name, layer_index, layers, request.svd_rank if energy is None else None)
     try:
         result = combination.function(list(deltas), list(request.weights), context, **request.options)
     except (CombinationError, MergeInputError):
@@ -161,6 +164,9 @@ def combine_factors(
             f"{type(error).__name__}: {error}"
         ) from error
     delta = _as_factors(result, shape, context, request)
+    if energy is not None:
+        delta, stats = compress(delta.B, delta.A, request.svd_rank, energy)
+        context.stats.update(rank=stats.rank, energy_kept=stats.energy_kept)
     return delta, dict(context.stats)
 
 
@@ -226,7 +232,10 @@ class ReportBuilder:
             combination_type=request.method or "none",
             adapters=list(request.adapters),
             weights=list(request.weights),
-            options=plain({k: v for k, v in request.options.items() if v is not None or not request.is_peft_type}),
+            options=plain(
+                {k: v for k, v in request.options.items() if v is not None or not request.is_peft_type}
+                | request.serving_options
+            ),
             svd_rank=request.svd_rank,
             provider=request.provider,
             seconds=self.seconds,

@@ -137,6 +137,8 @@ class Lineage:
         versions (`dict[str, str]`): Library versions used.
         search (`dict`, *optional*): For weights found by `search_weights`: optimizer, budget, seed, best and
             initial objective values.
+        output_format (`str`): The file format the adapter was written in (`"gguf"`: a llama.cpp LoRA file).
+        gguf_type (`str`, *optional*): For GGUF, the type of its factors.
     """
 
     method: str | None
@@ -148,6 +150,8 @@ class Lineage:
     report_summary: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     search: dict[str, Any] | None = None
+    output_format: str = "safetensors"
+    gguf_type: str | None = None
 
     @property
     def weights(self) -> list[float]:
@@ -168,6 +172,7 @@ class Lineage:
             "report_summary": self.report_summary,
             "versions": self.versions,
             "search": self.search,
+            **({"output_format": self.output_format, "gguf_type": self.gguf_type} if self.gguf_type else {}),
         }
 
     @classmethod
@@ -195,6 +200,8 @@ class Lineage:
             report_summary=dict(data.get("report_summary") or {}),
             versions=dict(data.get("versions") or {}),
             search=data.get("search"),
+            output_format=str(data.get("output_format") or "safetensors"),
+            gguf_type=data.get("gguf_type"),
         )
 
 
@@ -214,6 +221,12 @@ class MergeInfo:
         eval_results (`list[dict]`, *optional*): Evaluation rows for the card's model-index.
         versions (`dict[str, str]`): Library versions used.
         provider (`str`): Who computed the combination.
+        extras (`dict`): What was merged beyond `B @ A` (`engine.features.describe_edits`): DoRA magnitudes, LoRA
+            biases, replaced tensors and rows, expert tensors, untied weights; empty when nothing was.
+        output_format (`str`): The file format written: `"safetensors"` (Hugging Face) or `"gguf"` (llama.cpp).
+        gguf_type (`str`, *optional*): For GGUF, the type of the weights (`f32`, `f16`, `bf16`, `q8_0`).
+        mergekit_config (`dict`, *optional*): For a merge run from a mergekit configuration, that configuration
+            (local paths reduced to folder names): the card's recipe.
     """
 
     base_model: str | None
@@ -227,6 +240,10 @@ class MergeInfo:
     eval_results: list[dict[str, Any]] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     provider: str = "peft-merge-ext"
+    extras: dict[str, Any] = field(default_factory=dict)
+    output_format: str = "safetensors"
+    gguf_type: str | None = None
+    mergekit_config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict."""
@@ -241,7 +258,9 @@ class MergeInfo:
         if self.combination_type is None and len(self.adapters) == 1:
             source = self.adapters[0]
             if source.weight == 1.0 and source.lineage is not None:
-                return source.lineage
+                if self.gguf_type is None:
+                    return source.lineage
+                return dataclasses.replace(source.lineage, output_format=self.output_format, gguf_type=self.gguf_type)
         return Lineage(
             method=self.combination_type,
             provider=self.provider,
@@ -251,4 +270,6 @@ class MergeInfo:
             base_model=self.base_model,
             report_summary=self.report.summary() if self.report is not None else {},
             versions=dict(self.versions),
+            output_format=self.output_format,
+            gguf_type=self.gguf_type,
         )

@@ -47,6 +47,9 @@ class MergeRequest:
         options (`dict`): The type's options with defaults filled in (PEFT's own arguments for PEFT's types).
         svd_rank (`int`, *optional*): Upper bound on the merged rank per module.
         combination (`CombinationType`, *optional*): The registered plugin type, `None` for as-is and PEFT's types.
+        svd_energy (`float`, *optional*): Keep per module the smallest rank holding this fraction of the energy.
+        uniform_rank (`tuple[int, ...]`, *optional*): The ranks a combined adapter may be snapped to (one for all
+            modules; see `engine.serving`).
     """
 
     adapters: list[str]
@@ -55,6 +58,14 @@ class MergeRequest:
     options: dict[str, Any] = field(default_factory=dict)
     svd_rank: int | None = None
     combination: Any = None
+    svd_energy: float | None = None
+    uniform_rank: tuple[int, ...] | None = None
+
+    @property
+    def serving_options(self) -> dict[str, Any]:
+        """`svd_energy` / `uniform_rank` when set, as the options a recipe or lineage records them."""
+        values = {"svd_energy": self.svd_energy, "uniform_rank": self.uniform_rank}
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items() if value}
 
     @property
     def is_peft_type(self) -> bool:
@@ -118,8 +129,16 @@ def check_weights(weights: Any, count: int) -> list[float]:
     return result
 
 
-def check_adapter_configs(configs: Mapping[str, Any], adapters: Sequence[str]) -> None:
-    """Refuse adapters whose config has features the combination contract cannot represent, or non-finite scaling.
+def check_adapter_configs(
+    configs: Mapping[str, Any],
+    adapters: Sequence[str],
+    method: str | None = None,
+    weights: Sequence[float] | None = None,
+    *,
+    merge_into_base: bool = False,
+) -> None:
+    """Refuse adapters whose config has features the merge cannot represent (`engine.features.check_features`:
+    `method`, `weights` and `merge_into_base` decide), or non-finite scaling.
 
     A LoRA config is recognised by `peft_type == "LORA"` (PEFT's `PeftType` is a `str` enum), which holds for
     `peft.LoraConfig` and for the configs `checkpoint.adapter_files` parses without importing PEFT, and not for
@@ -132,24 +151,6 @@ def check_adapter_configs(configs: Mapping[str, Any], adapters: Sequence[str]) -
                 f"Adapter {adapter!r} is a {type(config).__name__}, not a plain LoraConfig adapter; only "
                 "LoRA adapters can be combined."
             )
-        if getattr(config, "use_dora", False):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} uses DoRA (use_dora=True): its update is not B @ A and cannot be combined "
-                "exactly. Merge it into the base on its own, or retrain it as plain LoRA."
-            )
-        if getattr(config, "lora_bias", False):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} has lora_bias=True: its bias update cannot be expressed as low-rank factors."
-            )
-        if getattr(config, "target_parameters", None):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} targets nn.Parameter (target_parameters); those cannot be combined."
-            )
-        if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
-            raise AdapterCompatibilityError(
-                f"Adapter {adapter!r} also trains full modules (modules_to_save / trainable_token_indices): those are "
-                "dense copies, not LoRA factors, and would be silently dropped. Combine adapters without them."
-            )
         alphas = [getattr(config, "lora_alpha", 1), *(getattr(config, "alpha_pattern", None) or {}).values()]
         for alpha in alphas:
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -157,6 +158,9 @@ def check_adapter_configs(configs: Mapping[str, Any], adapters: Sequence[str]) -
                     f"Adapter {adapter!r} has lora_alpha {short_repr(alpha)} (in lora_alpha or alpha_pattern); it "
                     "must be a finite number. Fix adapter_config.json."
                 )
+    from .features import check_features
+
+    check_features(configs, adapters, method, list(weights or [1.0] * len(adapters)), merge_into_base)
 
 
 def resolve_request(
@@ -170,6 +174,7 @@ def resolve_request(
     peft_types_allowed: bool = True,
     peft_arguments: Mapping[str, Any] | None = None,
     parameters: tuple[str, Collection[str]] | None = None,
+    merge_into_base: bool = False,
 ) -> MergeRequest:
     """Validate a merge request and fill in its defaults.
 
@@ -180,14 +185,18 @@ def resolve_request(
         method (`str`, *optional*): A registered type, one of PEFT's, or `None` (one adapter as it is; several
             combined with `weighted`).
         svd_rank (`int`, *optional*): Upper bound on the merged rank per module.
-        options (`Mapping`, *optional*): The type's options.
+        options (`Mapping`, *optional*): The type's options; `svd_energy` and `uniform_rank` (serving-ready
+            adapters, `engine.serving`) are taken out of them here and validated for every type.
         peft_types_allowed (`bool`, *optional*, defaults to `True`): Whether PEFT's own types can run here (they need
             a live PEFT model).
         peft_arguments (`Mapping`, *optional*): PEFT-only keyword arguments given to a plugin type through the
-            drop-in `add_weighted_adapter`; refused unless they keep PEFT's defaults.
+            drop-in `add_weighted_adapter`; passed on as options when the type declares them (`density`,
+            `majority_sign_method`), else refused unless they keep PEFT's defaults.
         parameters (`tuple[str, Collection[str]]`, *optional*): The calling function's name and its own parameters,
             when its `**options` catch every other keyword: an option the type does not take that looks like one of
             them is reported as a typo of that parameter (`save_merged(adapter=...)`: "did you mean 'adapters'?").
+        merge_into_base (`bool`, *optional*, defaults to `False`): Whether the result is merged into the base, which
+            defines more adapter features than a combined adapter does (`engine.features`).
 
     Raises:
         `MergeInputError`: Unknown adapters, bad weights, unknown options or PEFT-only arguments.
@@ -213,16 +222,21 @@ def resolve_request(
     options = dict(options or {})
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise MergeInputError(f"svd_rank must be a positive integer or None, got {short_repr(svd_rank)}.")
+    from .serving import pop_serving_options
+
+    svd_energy, uniform_rank = pop_serving_options(options, svd_rank)
+    serving = {"svd_energy": svd_energy, "uniform_rank": uniform_rank}
     if method is None:
         if len(adapters) == 1:
             _check_typos(options, (), parameters)
-            if options or svd_rank is not None:
+            if options or svd_rank is not None or svd_energy is not None or uniform_rank is not None:
                 given = sorted(options) + (["svd_rank"] if svd_rank is not None else [])
+                given += [key for key, value in serving.items() if value is not None]
                 raise MergeInputError(
                     f"Options {short_repr(given)} belong to a combination type; pass combination_type= (e.g. "
                     "'weighted') to use them."
                 )
-            check_adapter_configs(configs, adapters)
+            check_adapter_configs(configs, adapters, None, weights, merge_into_base=merge_into_base)
             return MergeRequest(adapters, weights, None)
         method = "weighted"
     if not isinstance(method, str):
@@ -234,12 +248,22 @@ def resolve_request(
         _check_options(
             options, PEFT_ONLY_ARGUMENTS, f"PEFT's combination_type={method!r} (besides svd_rank)", parameters
         )
-        check_adapter_configs(configs, adapters)
+        if svd_energy is not None or uniform_rank is not None:
+            raise MergeInputError(
+                f"svd_energy / uniform_rank apply to the registered combination types, not to PEFT's "
+                f"combination_type={method!r}; use 'weighted' (the exact equivalent of 'linear'/'cat') or another "
+                "registered type."
+            )
+        check_adapter_configs(configs, adapters, method, weights, merge_into_base=merge_into_base)
         return MergeRequest(adapters, weights, method, options, svd_rank)
     combination = types.get(method)
     if combination is None:
         raise unknown_type_error(method, peft_types_allowed=peft_types_allowed)
     for name, value in (peft_arguments or {}).items():
+        if name in combination.options:  # an argument the type declares with PEFT's meaning (`density`, ...)
+            if value != PEFT_ONLY_ARGUMENTS[name]:
+                options[name] = value
+            continue
         if value != PEFT_ONLY_ARGUMENTS[name]:
             raise MergeInputError(
                 f"{name}={value!r} is only used by PEFT's own combination types; combination_type={method!r} does "
@@ -256,8 +280,8 @@ def resolve_request(
             f"The validate function of combination_type={method!r} (from {combination.provider}) failed: "
             f"{type(error).__name__}: {short_repr(error)}"
         ) from error
-    check_adapter_configs(configs, adapters)
-    return MergeRequest(adapters, weights, method, resolved, svd_rank, combination)
+    check_adapter_configs(configs, adapters, method, weights, merge_into_base=merge_into_base)
+    return MergeRequest(adapters, weights, method, resolved, svd_rank, combination, **serving)
 
 
 def _check_typos(options: Mapping[str, Any], accepted: Collection[str], parameters: Any) -> None:

@@ -25,6 +25,7 @@ def merge_delta_into_weight(
     *,
     inplace: bool = False,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight + delta`, computed in float32 (float64 for a float64 weight) on the weight's device, a block of rows
     at a time, and cast to `out_dtype` (the weight's dtype by default).
@@ -38,6 +39,10 @@ def merge_delta_into_weight(
             `weight` is contiguous and already of `out_dtype`); for callers that own the tensor, such as the
             out-of-core merge. The user's model weights are never passed with `inplace=True`.
         block_elements (`int`, *optional*): About how many elements each block of rows holds.
+        magnitude (`torch.Tensor`, *optional*): A DoRA magnitude vector (one entry per output feature): each output
+            feature of `weight + delta` is rescaled to this norm, `m / ||W + delta||` (norms over the input features,
+            conv kernels included). Rows are output features unless `transpose`; then the column norms are gathered in
+            a first pass over the blocks and applied in a second one.
 
     Returns:
         `torch.Tensor`: The merged weight.
@@ -58,13 +63,30 @@ def merge_delta_into_weight(
     step = max(1, block_elements // max(weight_rows.shape[1], 1))
     # One buffer for every block: fresh memory for each block would cost a page fault per 4 KB.
     buffer = torch.empty((min(step, rows), weight_rows.shape[1]), dtype=compute_dtype, device=weight.device)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+
+    def merged_block(start: int, stop: int) -> torch.Tensor:
         block = buffer[: stop - start]
         block.copy_(weight_rows[start:stop])
         if transpose:
             block.addmm_(right[:, start:stop].T, left.T)
         else:
             block.addmm_(left[start:stop], right)
+        return block
+
+    column_scale = None
+    if magnitude is not None and transpose:
+        squares = torch.zeros(weight_rows.shape[1], dtype=compute_dtype, device=weight.device)
+        for start in range(0, rows, step):
+            squares += merged_block(start, min(rows, start + step)).square().sum(dim=0)
+        column_scale = magnitude.reshape(-1).to(weight.device, compute_dtype) / squares.sqrt()
+    elif magnitude is not None:
+        magnitude = magnitude.reshape(-1).to(weight.device, compute_dtype)  # a conv's: 1 x out x 1 x 1
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = merged_block(start, stop)
+        if column_scale is not None:
+            block.mul_(column_scale)
+        elif magnitude is not None:
+            block.mul_((magnitude[start:stop] / torch.linalg.vector_norm(block, dim=1)).unsqueeze(1))
         out_rows[start:stop] = block
     return out

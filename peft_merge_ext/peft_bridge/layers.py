@@ -68,8 +68,8 @@ def find_lora_modules(model: nn.Module, adapters: list[str]) -> list[LoraModuleI
 
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+        if not isinstance(module, LoraLayer) or hasattr(module, "parameter_name"):
+            continue  # LoRA on an nn.Parameter (PEFT's ParamWrapper) is read by `peft_bridge.extras`
         holders = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
         if not holders.intersection(adapters):
             continue
@@ -79,22 +79,18 @@ def find_lora_modules(model: nn.Module, adapters: list[str]) -> list[LoraModuleI
 
 
 def check_supported(info: LoraModuleInfo, adapter: str) -> None:
-    """Raise `AdapterCompatibilityError` when `adapter` at this module is not plain LoRA the contract can express."""
+    """Raise `AdapterCompatibilityError` when `adapter` at this module is not LoRA whose factors give `s * B @ A`."""
     module = info.module
     if adapter not in getattr(module, "lora_A", {}) and adapter not in getattr(module, "lora_embedding_A", {}):
         return
     variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None or getattr(module, "use_dora", {}).get(adapter, False):
-        name = type(variant).__name__ if variant is not None else "DoRA"
+    if variant is not None and "Dora" not in type(variant).__name__:
         raise AdapterCompatibilityError(
-            f"Adapter {adapter!r} uses a LoRA variant ({name}) at {info.name!r}: its update is not B @ A, so it "
-            "cannot be combined exactly. Use PEFT's own combination types, or merge it into the base first."
+            f"Adapter {adapter!r} uses a LoRA variant ({type(variant).__name__}) at {info.name!r}: its update is not "
+            "B @ A, so it cannot be merged exactly. Use PEFT's merge_and_unload for it."
         )
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        raise AdapterCompatibilityError(
-            f"Adapter {adapter!r} has lora_bias=True at {info.name!r}; its bias update cannot be expressed as "
-            "low-rank factors. Retrain with lora_bias=False or use merge_and_unload on that adapter alone."
-        )
+    # DoRA magnitudes and lora_bias are merged into the base (`engine.features` decides when; `peft_bridge.extras`
+    # reads them); the factors read here are the `s * B @ A` both build on.
     if adapter in getattr(module, "lora_A", {}) and not isinstance(
         module.lora_A[adapter], (nn.Linear, nn.modules.conv._ConvNd)
     ):

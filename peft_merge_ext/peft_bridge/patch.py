@@ -43,6 +43,7 @@ def _make_wrapper(original: Any) -> Any:
     def add_weighted_adapter(self: Any, *args: Any, **kwargs: Any) -> None:
         combination_type = args[3] if len(args) > 3 else kwargs.get("combination_type", "svd")
         if isinstance(combination_type, str) and combination_type in peft_types:
+            _refuse_serving_options(combination_type, kwargs)
             result = original(self, *args, **kwargs)  # PEFT's own path, arguments untouched
             _record_peft_lineage(original, self, args, kwargs)
             return result
@@ -54,6 +55,21 @@ def _make_wrapper(original: Any) -> Any:
         "`average`, `slerp`, `karcher`, ...); extra keyword options go to that type."
     )
     return add_weighted_adapter
+
+
+def _refuse_serving_options(combination_type: str, kwargs: dict[str, Any]) -> None:
+    """Our serving options given to one of PEFT's types: our clear error rather than PEFT's TypeError."""
+    from ..engine.serving import SERVING_OPTIONS
+
+    given = [name for name in SERVING_OPTIONS if name in kwargs]
+    if given:
+        from ..errors import MergeInputError
+
+        raise MergeInputError(
+            f"{' / '.join(given)} apply to the registered combination types, not to PEFT's "
+            f"combination_type={combination_type!r}; use 'weighted' (the exact equivalent of 'linear'/'cat') or "
+            "another registered type."
+        )
 
 
 def _record_peft_lineage(original: Any, lora_model: Any, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -55,8 +55,10 @@ class LiveFactorSource:
 
     def modules(self, adapters: list[str]) -> list[FactorModule]:
         """The modules holding a LoRA layer for at least one of `adapters`, in model order (checked supported)."""
+        from ..engine.features import adapter_features
+
         found = find_lora_modules(self.base, adapters)
-        if not found:
+        if not found and not any(adapter_features(self.configs[adapter]) for adapter in adapters):
             raise MergeInputError(f"None of the adapters {adapters} has LoRA layers in this model.")
         result = []
         for info in found:
@@ -79,6 +81,16 @@ class LiveFactorSource:
                 )
             )
         return result
+
+    def edits(self, request: Any) -> dict[str, Any]:
+        """What the request's adapters add beyond `B @ A` (DoRA, biases, copies, rows, expert deltas), combined per
+        base tensor key (`engine.features.combine_extras`)."""
+        from ..engine.features import adapter_features, combine_extras
+        from .extras import live_extras
+
+        adapters = request.adapters
+        extras = {a: live_extras(self.base, a) for a in adapters if adapter_features(self.configs[a])}
+        return combine_extras(request.method, adapters, request.weights, extras)
 
     def describe(self, adapter: str, weight: float, lazy_digest: bool = False) -> AdapterInfo:
         """The card's description of `adapter`: config, content digest, Hub id and lineage when known.
@@ -113,23 +125,36 @@ def _reader(info: LoraModuleInfo, dtype: torch.dtype) -> Any:
 
 
 def adapter_sha256(base: torch.nn.Module, adapter: str) -> str:
-    """SHA-256 of an adapter's LoRA tensors: for each module in model order, its name, then A's and B's dtype, shape
-    and bytes."""
+    """SHA-256 of an adapter's tensors: for each LoRA module in model order, its name, then A's and B's dtype, shape
+    and bytes; then, named, every tensor it stores beyond those (DoRA magnitudes, biases, copies, rows, factors on
+    parameters)."""
+    from .extras import extra_tensors
+
     digest = hashlib.sha256()
-    for info in find_lora_modules(base, [adapter]):
-        digest.update(info.name.encode())
-        for tensor in factor_tensors(info.module, adapter):
+    named = [(info.name, factor_tensors(info.module, adapter)) for info in find_lora_modules(base, [adapter])]
+    named += [(name, (tensor,)) for name, tensor in extra_tensors(base, adapter)]  # DoRA, biases, copies, ...
+    for name, tensors in named:
+        digest.update(name.encode())
+        for tensor in tensors:
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
             digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 
+def _adapter_tensors(base: torch.nn.Module, adapter: str) -> list[torch.Tensor]:
+    """Every stored tensor of `adapter` that its digest covers."""
+    from .extras import extra_tensors
+
+    factors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
+    return factors + [tensor for _, tensor in extra_tensors(base, adapter)]
+
+
 def _digest_later(base: torch.nn.Module, adapter: str, config: Any) -> Any:
     """A callable giving `adapter`'s digest later, or `None` if its tensors were replaced or modified meanwhile."""
     import weakref
 
-    tensors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
+    tensors = _adapter_tensors(base, adapter)
     snapshot = [(weakref.ref(t), t._version) for t in tensors]
     base_ref = weakref.ref(base)
 
@@ -137,7 +162,7 @@ def _digest_later(base: torch.nn.Module, adapter: str, config: Any) -> Any:
         model = base_ref()
         if model is None or any(ref() is None or ref()._version != version for ref, version in snapshot):
             return None
-        current = [t for info in find_lora_modules(model, [adapter]) for t in factor_tensors(info.module, adapter)]
+        current = _adapter_tensors(model, adapter)
         if len(current) != len(snapshot) or any(ref() is not t for (ref, _), t in zip(snapshot, current, strict=True)):
             return None
         return _cached_sha256(model, adapter, config)
@@ -150,7 +175,7 @@ def _cached_sha256(base: torch.nn.Module, adapter: str, config: Any) -> str:
     in place (its version counter changed): describing the same adapter twice costs one hash."""
     import weakref
 
-    tensors = [t for info in find_lora_modules(base, [adapter]) for t in factor_tensors(info.module, adapter)]
+    tensors = _adapter_tensors(base, adapter)
     cached = records(config).get("sha256")
     if cached is not None:
         refs, versions, digest = cached
@@ -219,4 +244,8 @@ def merge_live(source: LiveFactorSource, request: Any) -> tuple[list[Any], Any]:
         return merged_by_peft(source, request, report), report.build()
     layers = source.num_layers
     merged = [MergedModule(module, report.combine(module, layers)) for module in modules]
+    if request.uniform_rank is not None:
+        from ..engine.serving import snap_to_uniform_rank
+
+        merged = snap_to_uniform_rank(merged, request, report)
     return merged, report.build()

@@ -1,7 +1,9 @@
 """The in-memory weight source: the base model's tensors, one at a time, merged where a delta applies.
 
 Reads the user's model without modifying it: LoRA layers are seen through to their base layer, PEFT's
-`modules_to_save` wrappers to the original module; modules offloaded by accelerate are onloaded one at a time.
+`modules_to_save` and trainable-token wrappers to the original module; modules offloaded by accelerate are onloaded
+one at a time. What the adapters add beyond `B @ A` (`lowrank.tensor_edits`) is applied by the same `apply_edit` as
+the on-disk path uses.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import torch
 
 from ..checkpoint.writer import TensorSpec
 from ..errors import MergeInputError
+from ..lowrank.tensor_edits import same_edits
 
-__all__ = ["MergedWeightsSource", "check_loadable", "factors_onloaded", "is_quantized", "output_dtype"]
+__all__ = [
+    "MergedWeightsSource",
+    "check_edit_keys",
+    "check_loadable",
+    "factors_onloaded",
+    "is_quantized",
+    "output_dtype",
+]
 
 
 @dataclass
@@ -33,14 +43,15 @@ def _is_offloaded(module: torch.nn.Module) -> bool:
 
 def _walk(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.nn.Module, str]]:
     """`(key, owning module, attribute)` for every persistent tensor, keyed as in the plain base model: LoRA layers
-    are seen through to their base layer, PEFT's `modules_to_save` wrappers to the original module."""
+    are seen through to their base layer, PEFT's `modules_to_save` / trainable-token wrappers to the original
+    module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(module, BaseTunerLayer):
         yield from _walk(module.base_layer, prefix)
         return
     original = getattr(module, "original_module", None)
-    if original is not None and hasattr(module, "modules_to_save"):  # PEFT's ModulesToSaveWrapper
+    if original is not None and hasattr(module, "_disable_adapters"):  # PEFT's modules_to_save / tokens wrappers
         yield from _walk(original, prefix)
         return
     for name, tensor in module._parameters.items():
@@ -129,6 +140,17 @@ def check_target_keys(keys: Sequence[str], merged: Sequence[Any], where: str) ->
         raise MergeInputError(f"The {where} has no weight for LoRA module(s) {missing[:5]}; cannot merge them.")
 
 
+def check_edit_keys(keys: Sequence[str], edits: Mapping[str, Any], where: str) -> None:
+    """Refuse edits (biases, copies, rows, expert tensors) whose base tensor is not among `keys`."""
+    missing = sorted(set(edits) - set(keys))
+    if missing:
+        raise MergeInputError(
+            f"The {where} has no tensor {missing[:5]} that the adapter changes (a LoRA bias needs a layer with a "
+            "bias; modules_to_save and trainable tokens need the module they were trained on); use the base model "
+            "the adapter was trained on."
+        )
+
+
 class MergedWeightsSource:
     """The merged model's tensors, one at a time, from the in-memory model.
 
@@ -136,14 +158,24 @@ class MergedWeightsSource:
         base (`torch.nn.Module`): The transformers model holding the LoRA layers.
         deltas (`list`): The merged deltas per module.
         dtype (`torch.dtype`, *optional*): Cast floating-point tensors to this dtype.
+        edits (`Mapping[str, TensorEdit]`, *optional*): What the adapters add beyond `B @ A`, per tensor key
+            (`engine.features.combine_extras`).
     """
 
-    def __init__(self, base: torch.nn.Module, merged: Sequence[Any], dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        merged: Sequence[Any],
+        dtype: torch.dtype | None,
+        edits: Mapping[str, Any] | None = None,
+    ) -> None:
         self.base = base
         self.deltas: Mapping[str, Any] = {m.weight_key: m for m in merged}
+        self.edits: Mapping[str, Any] = dict(edits or {})
         self.dtype = dtype
         self.entries = [_Entry(key, module, attribute) for key, module, attribute in _walk(base, "")]
         check_target_keys([e.key for e in self.entries], merged, "model")
+        check_edit_keys([e.key for e in self.entries], self.edits, "model")
         self._parents = {id(child): module for module in base.modules() for child in module.children()}
         self.untied: list[str] = []
         self._skip = self._tied_duplicates()
@@ -159,7 +191,7 @@ class MergedWeightsSource:
         for keys in groups.values():
             if len(keys) < 2:
                 continue
-            if any(key in self.deltas for key in keys):
+            if any(key in self.deltas for key in keys) or not same_edits(self.edits, keys):
                 self.untied.extend(keys)
                 continue
             keep = next((key for key in keys if key not in tied_targets), keys[0])
@@ -184,7 +216,7 @@ class MergedWeightsSource:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(key, tensor)` in model order; each merged tensor is computed just before it is yielded, offloaded
         modules are onloaded one at a time."""
-        from ..lowrank.weight_merge import merge_delta_into_weight
+        from ..lowrank.tensor_edits import apply_edit
 
         group: list[_Entry] = []
         group_root: torch.nn.Module | None = None
@@ -197,13 +229,13 @@ class MergedWeightsSource:
                             continue
                         tensor = getattr(item.module, item.attribute).detach()
                         delta = self.deltas.get(item.key)
-                        if delta is None:
+                        edit = self.edits.get(item.key)
+                        if delta is None and edit is None:
                             yield item.key, self._cast(tensor)
                         else:
-                            yield (
-                                item.key,
-                                merge_delta_into_weight(tensor, delta.delta, delta.module.transpose, self.dtype),
-                            )
+                            transpose = delta is not None and delta.module.transpose
+                            factors = delta.delta if delta is not None else None
+                            yield item.key, apply_edit(tensor, factors, transpose, edit, self.dtype)
                 group = []
             if entry is not None:
                 group.append(entry)

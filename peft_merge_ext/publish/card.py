@@ -33,6 +33,33 @@ FORMULAS = {
         "ΔW = (Σᵢ w̄ᵢ ‖ΔWᵢ‖) · u, where u is the weighted Karcher (Riemannian) mean of the directions ΔWᵢ / ‖ΔWᵢ‖ "
         "on the unit sphere and w̄ᵢ = wᵢ / Σⱼ wⱼ."
     ),
+    "core_ties": (
+        "ΔW = U M Vᵀ with U, V the singular vectors of [B₁ … Bₖ] and [A₁; …; Aₖ], M = PEFT's TIES of the cores "
+        "Mᵢ = Uᵀ Bᵢ Aᵢ V (weights wᵢ); Core Space merging, https://arxiv.org/abs/2509.17786 ."
+    ),
+    "core_dare": (
+        "ΔW = U M Vᵀ with M = PEFT's DARE (dare_ties, or dare_linear with elect_sign=False, seeded) of the cores "
+        "Mᵢ = Uᵀ Bᵢ Aᵢ V; Core Space merging, https://arxiv.org/abs/2509.17786 ."
+    ),
+    "tsv": (
+        "ΔW = U⊥ blockdiag(wᵢ Sᵢ′) V⊥ᵀ, where Bᵢ Aᵢ = Uᵢ Sᵢ Vᵢᵀ keeps its top ⌈keep · rᵢ⌉ triplets and U⊥, V⊥ are "
+        "the polar factors of [U₁′ … Uₖ′], [V₁′ … Vₖ′]; TSV-Merge, https://arxiv.org/abs/2412.00081 ."
+    ),
+    "iso_c": (
+        "ΔW = mean(S) · U Vᵀ for Σᵢ wᵢ Bᵢ Aᵢ = U S Vᵀ (isotropic spectrum); Iso-C, https://arxiv.org/abs/2502.04959 ."
+    ),
+    "iso_cts": (
+        "ΔW = mean(S*) · U⊥ V⊥ᵀ over the top directions of Σᵢ wᵢ Bᵢ Aᵢ (common subspace) and of each wᵢ Bᵢ Aᵢ "
+        "projected off it (task-specific), decorrelated by polar factors; Iso-CTS, https://arxiv.org/abs/2502.04959 ."
+    ),
+    "knots_ties": (
+        "ΔW = U S V_mergedᵀ for [B₁A₁ … BₖAₖ] = U S [V₁ᵀ … Vₖᵀ], V_mergedᵀ = PEFT's TIES of the Vᵢᵀ (weights wᵢ); "
+        "KnOTS, https://arxiv.org/abs/2410.19735 ."
+    ),
+    "knots_dare": (
+        "ΔW = U S V_mergedᵀ for [B₁A₁ … BₖAₖ] = U S [V₁ᵀ … Vₖᵀ], V_mergedᵀ = PEFT's DARE of the Vᵢᵀ (seeded); "
+        "KnOTS, https://arxiv.org/abs/2410.19735 ."
+    ),
 }
 PEFT_FORMULA = (
     "Computed by PEFT's own `add_weighted_adapter(combination_type={name!r})`; see "
@@ -54,6 +81,12 @@ def method_formula(info: MergeInfo) -> tuple[str, str]:
     name = info.combination_type
     if name in FORMULAS:
         formula = FORMULAS[name]
+    elif info.mergekit_config is not None:
+        formula = (
+            f"mergekit's `{info.mergekit_config.get('merge_method')}` applied, module by module, to the full weights "
+            "Wᵢ = W + ΔWᵢ of each `base+adapter` model (ΔWᵢ = s · Bᵢ Aᵢ, added as PEFT's merge_and_unload does), "
+            "with mergekit 0.1.5's defaults and working dtype; tensors no adapter touches are the base's."
+        )
     elif name in PEFT_COMBINATION_TYPES:
         formula = PEFT_FORMULA.format(name=name)
     else:
@@ -63,6 +96,8 @@ def method_formula(info: MergeInfo) -> tuple[str, str]:
         if info.merge_into_base
         else "ΔW is published as one LoRA adapter (factors B A, scaling 1)."
     )
+    if info.mergekit_config is not None:
+        return name, formula
     return (name or "single adapter"), f"{formula}\n\n{final}"
 
 
@@ -128,6 +163,11 @@ def _recipe(info: MergeInfo) -> tuple[str, list[str], bool]:
     random)."""
     from ..recipe import recipe_from_merge_info
 
+    if info.mergekit_config is not None:  # run from a mergekit configuration: that configuration reruns it
+        import yaml
+
+        text = yaml.safe_dump(info.mergekit_config, sort_keys=False, default_flow_style=None).strip()
+        return text, [adapter.source or adapter.name for adapter in info.adapters], True
     recipe = recipe_from_merge_info(info)
     random = any(step.method and step.method.startswith("dare") for step in recipe.steps)
     return recipe.to_yaml().strip(), recipe.fill_in, not random
@@ -206,6 +246,17 @@ def _lineage(info: MergeInfo) -> str:
 
 
 def _usage(info: MergeInfo, repo_id: str) -> str:
+    if info.output_format == "gguf":
+        from ..gguf_output.export import gguf_file_name
+
+        file_name = gguf_file_name(info.gguf_type or "f16", adapter=not info.merge_into_base)
+        if info.merge_into_base:
+            return f'from llama_cpp import Llama\n\nmodel = Llama.from_pretrained("{repo_id}", filename="{file_name}")'
+        return (
+            "from llama_cpp import Llama\n\n"
+            f'# base.gguf: the base model converted to GGUF; the adapter: {file_name} from "{repo_id}"\n'
+            f'model = Llama(model_path="base.gguf", lora_path="{file_name}")'
+        )
     if info.merge_into_base:
         return (
             "from transformers import AutoModelForCausalLM\n\n"
@@ -217,6 +268,37 @@ def _usage(info: MergeInfo, repo_id: str) -> str:
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_id}")'
     )
+
+
+def _serving_notes(info: MergeInfo) -> list[str]:
+    """How to serve an adapter made with `uniform_rank` / `svd_energy` (see `engine.serving`)."""
+    if info.report is None or info.merge_into_base:
+        return []
+    notes = []
+    if "svd_energy" in info.options:
+        kept = [m.stats["energy_kept"] for m in info.report.modules if "energy_kept" in m.stats]
+        if kept:
+            notes.append(
+                f"Each module keeps the smallest rank holding {info.options['svd_energy']:g} of its delta's energy "
+                f"(sum of squared singular values); energy kept per module: min {min(kept):.4g}, max {max(kept):.4g} "
+                "(column `energy_kept` below)."
+            )
+    if "uniform_rank" in info.options:
+        ranks = {m.stats.get("rank") for m in info.report.modules}
+        if len(ranks) == 1:
+            rank = ranks.pop()
+            notes.append(
+                f"Every module has rank {rank} (one `r`, no `rank_pattern`, scaling 1, no bias or `modules_to_save`): "
+                f"serve it with vLLM `--enable-lora --max-lora-rank {rank}` (or higher)."
+            )
+    return notes
+
+
+def _feature_notes(info: MergeInfo) -> list[str]:
+    """What was merged beyond `B @ A` (DoRA, biases, replaced modules and rows, expert tensors)."""
+    from ..engine.features import card_notes
+
+    return card_notes(info.extras) if info.extras else []
 
 
 def _sanitized_adapter(adapter: AdapterInfo) -> AdapterInfo:
@@ -271,23 +353,34 @@ def build_model_card(
     name = public_name(repo_id) or "merged-model"
     method, formula = method_formula(info)
     method_tags = [info.combination_type or "single-adapter", *_lineage_methods(info.adapters)]
-    all_tags = list(dict.fromkeys([*BASE_TAGS, *(m.replace("_", "-") for m in method_tags), *(tags or [])]))
+    format_tags = [info.output_format] if info.output_format != "safetensors" else []
+    all_tags = list(
+        dict.fromkeys([*BASE_TAGS, *(m.replace("_", "-") for m in method_tags), *format_tags, *(tags or [])])
+    )
     card_data = ModelCardData(
         base_model=info.base_model,
         base_model_relation=base_model_relation(info) if info.base_model else None,
-        library_name="transformers" if info.merge_into_base else "peft",
+        library_name=None  # GGUF: llama.cpp and its many runtimes, no single library
+        if info.output_format == "gguf"
+        else "transformers"
+        if info.merge_into_base
+        else "peft",
         tags=all_tags,
         license=_license(info.base_model, base_card_data, Path(base_card_folder) if base_card_folder else None),
         model_name=name,
         eval_results=_eval_results(info.eval_results),
     )
     summary = _summary(info, method)
+    notes = [*(notes or []), *_serving_notes(info), *_feature_notes(info)]
     recipe, fill_in, reproducible = _recipe(info)
     parameters: dict[str, Any] = dict(info.options)
     if info.svd_rank is not None:
         parameters["svd_rank"] = info.svd_rank
     if info.dtype:
         parameters["dtype"] = info.dtype
+    if info.output_format != "safetensors":
+        parameters["format"] = info.output_format
+        parameters["gguf_type"] = info.gguf_type
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),

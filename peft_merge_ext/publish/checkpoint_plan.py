@@ -44,6 +44,8 @@ class MergePlan:
         problems (`list[str]`): Validation errors; the merge refuses to run while there are any.
         warnings (`list[str]`): Things worth knowing that do not stop the merge.
         module_order (`list[str]`): Module names in model order.
+        edits (`dict[str, TensorEdit]`): What the adapters add beyond `B @ A`, per base tensor key
+            (`checkpoint.adapter_extras.checkpoint_edits`).
     """
 
     base: str
@@ -62,6 +64,7 @@ class MergePlan:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     module_order: list[str] = field(default_factory=list)
+    edits: dict[str, Any] = field(default_factory=dict)
 
     @property
     def adapters(self) -> list[Any]:
@@ -77,7 +80,7 @@ class MergePlan:
         """A human-readable summary of the plan (what `--dry-run` prints)."""
         lines = [f"Base: {self.base} ({len(self.tensors)} tensors)"]
         for adapter, weight in zip(self.adapters, self.request.weights, strict=True):
-            ranks = sorted({m.rank for m in adapter.modules.values()})
+            ranks = sorted({m.rank for m in [*adapter.modules.values(), *adapter.param_wrappers]})
             rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
             lines.append(
                 f"Adapter: {adapter.name} (weight {weight:g}, rank {rank_text}, {len(adapter.modules)} modules, "
@@ -99,6 +102,11 @@ class MergePlan:
             f"Estimated peak memory for the work: {_human(self.estimated_peak_bytes)} (plus the Python and torch "
             "baseline)"
         )
+        if self.edits:
+            from ..engine.features import describe_edits
+
+            beyond = ", ".join(f"{kind} {len(keys)}" for kind, keys in describe_edits(self.edits).items())
+            lines.append(f"Beyond B @ A: {beyond}")
         lines.extend(f"Warning: {text}" for text in self.warnings)
         lines.extend(f"Problem: {text}" for text in self.problems)
         lines.append("Validation: OK" if not self.problems else f"Validation: {len(self.problems)} problem(s)")
@@ -178,7 +186,11 @@ def plan_checkpoint_merge(
         svd_rank,
         combination_options,
         peft_types_allowed=False,
+        merge_into_base=merge_into_base,
     )
+    from ..engine.serving import check_serving_target
+
+    check_serving_target(request, merge_into_base)
     base_folder, base_config, checkpoint = None, {}, None
     if base is not None:
         base_folder = resolve_folder(base, "base model", "config.json")
@@ -260,12 +272,27 @@ def _validate_targets(plan: MergePlan) -> None:
     needs_architecture = any(
         getattr(a.config, "fan_in_fan_out", False)
         or any(m.kind == "embedding" or m.weight_key not in by_name for m in a.modules.values())
+        or (a.extras is not None and (a.extras.rows or a.extras.copies))
         for a in plan.adapters
     )
     architecture = architecture_of(plan.base_config) if needs_architecture else None
     classes, tied = architecture if architecture is not None else (None, {})
     plan.module_order = list(classes) if classes else _natural_order(list(by_name))
-    checkpoint.untie(tied, {m.weight_key for a in plan.adapters for m in a.modules.values()})
+    from ..checkpoint.adapter_extras import checkpoint_edits
+    from ..lowrank.factor_math import compute_dtype_for
+
+    shapes = {tensor.name: tensor.shape for tensor in checkpoint.tensors}
+    compute_dtype = compute_dtype_for(plan.device)
+    plan.edits = checkpoint_edits(plan.adapters, plan.request, shapes, tied, compute_dtype, plan.base_config)
+    checkpoint.untie(tied, {m.weight_key for a in plan.adapters for m in a.modules.values()}, plan.edits)
+    plan.edits = {key: edit for key, edit in plan.edits.items() if key in by_name or key not in tied}
+    missing = sorted(set(plan.edits) - set(by_name))
+    if missing:
+        plan.problems.append(
+            f"The base checkpoint has no tensor {missing[:5]} that the adapters change (a LoRA bias needs a layer "
+            "with a bias; modules_to_save and trainable tokens need the module they were trained on); wrong base "
+            "model?"
+        )
     for adapter in plan.adapters:
         for key, shape in adapter.saved_base_layers.items():
             base_tensor = by_name.get(key)

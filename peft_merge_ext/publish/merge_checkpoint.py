@@ -24,7 +24,7 @@ from ..engine.combine import MergedModule, ReportBuilder
 from ..engine.merge_info import MergeInfo, library_versions
 from .checkpoint_plan import MergePlan, plan_checkpoint_merge
 
-__all__ = ["CheckpointMergeResult", "MergePlan", "merge_checkpoint", "plan_checkpoint_merge"]
+__all__ = ["CheckpointMergeResult", "MergePlan", "gguf_problems", "merge_checkpoint", "plan_checkpoint_merge"]
 
 
 @dataclass
@@ -82,6 +82,10 @@ class _Deltas:
         for name in names:
             module = self.plan.source.module(name)
             merged.append(MergedModule(module, self.report.combine(module, self.layers)))
+        if self.plan.request.uniform_rank is not None:
+            from ..engine.serving import snap_to_uniform_rank
+
+            merged = snap_to_uniform_rank(merged, self.plan.request, self.report)
         return merged
 
 
@@ -90,6 +94,7 @@ def build_merge_info(plan: MergePlan, report: Any) -> MergeInfo:
     from collections import Counter
 
     from ..checkpoint.side_files import dtype_name, hub_id_of
+    from ..engine.features import describe_edits
 
     infos = [plan.source.describe(a, w) for a, w in zip(plan.adapters, plan.request.weights, strict=True)]
     if plan.out_dtype is not None:
@@ -113,6 +118,7 @@ def build_merge_info(plan: MergePlan, report: Any) -> MergeInfo:
         report=report,
         versions=library_versions(),
         provider=plan.request.provider,
+        extras=describe_edits(plan.edits, plan.checkpoint.untied if plan.checkpoint is not None else ()),
     )
 
 
@@ -135,6 +141,8 @@ def merge_checkpoint(
     token: str | bool | None = None,
     merge_into_base: bool = True,
     inputs: Sequence[str | Path] = (),
+    output_format: str | None = None,
+    gguf_type: str | None = None,
     **combination_options: Any,
 ) -> CheckpointMergeResult:
     """Merge LoRA adapters into a base checkpoint on disk, streaming, without loading the model.
@@ -162,6 +170,10 @@ def merge_checkpoint(
         token (`str` or `bool`, *optional*): Hub token for `push_to`.
         merge_into_base (`bool`, *optional*, defaults to `True`): `False` writes the combined adapter instead.
         inputs (`Sequence`, *optional*): More paths the output must not touch (a recipe file, ...).
+        output_format (`str`, *optional*): `"safetensors"` (default) or `"gguf"`: one llama.cpp file written tensor
+            by tensor (`model-<TYPE>.gguf`; with `merge_into_base=False` the combined adapter as a llama.cpp LoRA,
+            `adapter-<TYPE>.gguf`), for Llama, Mistral and Qwen2 bases with a byte-level BPE tokenizer.
+        gguf_type (`str`, *optional*): With `output_format="gguf"`: `f32`, `f16` (default), `bf16` or `q8_0`.
         combination_options: The combination type's options (e.g. `t=0.3` for `slerp`).
 
     Returns:
@@ -184,6 +196,9 @@ def merge_checkpoint(
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     parse_dtype(dtype)
+    from ..gguf_output.options import parse_output_format
+
+    output = parse_output_format(output_format, gguf_type)
     plan = plan_checkpoint_merge(
         base,
         adapters,
@@ -203,12 +218,14 @@ def merge_checkpoint(
         from .hub import check_hub_access
 
         hub_target = check_hub_access(push_to, token=token, private=private)
+    export = _plan_gguf(plan, output.gguf_type) if output.is_gguf else None
     deltas = _Deltas(plan)
     if plan.merge_into_base:
         deltas.probe()
     with output_folder(out, overwrite=overwrite, inputs=owned) as temporary:
-        files = _write(plan, deltas, temporary, max_shard_size, quiet)
+        files = _write(plan, deltas, temporary, max_shard_size, quiet, export)
         info = build_merge_info(plan, deltas.report.build())
+        info.output_format, info.gguf_type = output.name, output.gguf_type
         files += _write_side_files(plan, info, temporary, push_to or Path(out).name)
         write_manifest(temporary, files)
     url = None
@@ -235,7 +252,41 @@ def merge_checkpoint(
     return CheckpointMergeResult(Path(out), files, info, url, time.perf_counter() - started)
 
 
-def _write(plan: MergePlan, deltas: _Deltas, folder: Path, max_shard_size: int | str, quiet: bool) -> list[str]:
+def _plan_gguf(plan: MergePlan, gguf_type: str) -> Any:
+    """Check and plan the GGUF output (architecture, tensors, tokenizer) before the output folder exists."""
+    from ..checkpoint.side_files import hub_id_of
+    from ..errors import MergeInputError
+    from ..gguf_output.export import plan_lora_export, plan_model_export
+
+    if plan.base_config is None:
+        raise MergeInputError(
+            "GGUF output needs the base model (its config.json names the llama.cpp architecture); pass base=."
+        )
+    base_id = hub_id_of(plan.base)
+    if not plan.merge_into_base:
+        modules = [plan.source.module(name) for name in plan.source.module_names()]
+        return plan_lora_export(plan.base_config, modules, gguf_type, base_id)
+    folders = [plan.base_folder, *(a.folder for a in plan.adapters)]
+    return plan_model_export(plan.base_config, plan.checkpoint.specs(plan.out_dtype), folders, gguf_type, base_id)
+
+
+def gguf_problems(plan: MergePlan, output_format: str | None, gguf_type: str | None) -> list[str]:
+    """What GGUF output would refuse for `plan` (for `--dry-run`): at most one problem."""
+    from ..errors import MergeInputError
+    from ..gguf_output.options import parse_output_format
+
+    try:
+        output = parse_output_format(output_format, gguf_type)
+        if output.is_gguf and (plan.checkpoint is not None or not plan.merge_into_base):
+            _plan_gguf(plan, output.gguf_type)
+    except MergeInputError as error:
+        return [str(error)]
+    return []
+
+
+def _write(
+    plan: MergePlan, deltas: _Deltas, folder: Path, max_shard_size: int | str, quiet: bool, export: Any = None
+) -> list[str]:
     from ..checkpoint.adapter_output import adapter_state_dict, combined_adapter_config, write_adapter
     from ..checkpoint.side_files import hub_id_of
     from .output import stream_weights
@@ -243,9 +294,14 @@ def _write(plan: MergePlan, deltas: _Deltas, folder: Path, max_shard_size: int |
     if plan.merge_into_base:
         checkpoint = plan.checkpoint
         specs = checkpoint.specs(plan.out_dtype)
-        items = checkpoint.merged_items(deltas, plan.transpose, plan.out_dtype, plan.device)
+        items = checkpoint.merged_items(deltas, plan.transpose, plan.out_dtype, plan.device, edits=plan.edits)
+        if export is not None:  # converted in this thread (torch uses every core): no queue of waiting tensors
+            writer = export.writer(folder)
+            return stream_weights(folder, specs, items, max_shard_size, quiet=quiet, background=False, writer=writer)
         return stream_weights(folder, specs, items, max_shard_size, quiet=quiet)
     merged = deltas.all_modules()
+    if export is not None:
+        return export.write(folder, merged)
     dtype = plan.out_dtype
     state = adapter_state_dict(
         [(m.module.name, m.module.kind, m.module.kernel, m.delta, dtype or m.module.storage_dtype) for m in merged]
@@ -262,7 +318,9 @@ def _write_side_files(plan: MergePlan, info: MergeInfo, folder: Path, repo_id: s
     from .output import write_card
 
     files = []
-    if plan.merge_into_base:
+    if plan.merge_into_base and info.output_format == "gguf":
+        pass  # the GGUF file holds the config and the tokenizer
+    elif plan.merge_into_base:
         write_config(
             plan.base_config,
             folder,

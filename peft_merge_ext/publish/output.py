@@ -51,18 +51,21 @@ def stream_weights(
     *,
     quiet: bool = True,
     background: bool = True,
+    writer: Any = None,
 ) -> list[str]:
     """Write every tensor of `items` into shards planned from `specs`; returns the file names written (shards and
     index).
 
     With `background` (the streamed merge), a thread writes while the next tensors are computed, holding up to the
     background writer's bound of pending tensors; without it (the in-memory merge, whose model is already in memory)
-    each tensor is written before the next is computed, so at most one merged tensor exists at a time.
+    each tensor is written before the next is computed, so at most one merged tensor exists at a time. `writer`:
+    another planned writer with the same interface (`gguf_output.writer.GGUFFileWriter`) instead of safetensors
+    shards.
     """
     from tqdm.auto import tqdm
 
-    planned = ShardedSafetensorsWriter(folder, specs, max_shard_size)
-    writer: Any = BackgroundWriter(planned) if background else planned
+    planned = writer if writer is not None else ShardedSafetensorsWriter(folder, specs, max_shard_size)
+    writer = BackgroundWriter(planned) if background else planned
     progress = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="Merging", disable=quiet, leave=False)
     try:
         for spec, item in items:

@@ -42,6 +42,8 @@ class _Plan:
     base_folder: Path | None
     checkpoint: Path | None
     notes: list[str] = field(default_factory=list)
+    edits: dict[str, Any] = field(default_factory=dict)
+    gguf: Any = None  # the planned GGUF output (gguf_output.export), when format="gguf"
 
 
 def _check_card_inputs(tags: Any, eval_results: Any) -> None:
@@ -79,6 +81,8 @@ class MergeArguments:
     repo_id: str | None
     options: dict[str, Any]
     caller: tuple[str, list[str]] = ("save_merged", [])
+    format: str | None = None
+    gguf_type: str | None = None
 
     @classmethod
     def of(cls, scope: dict[str, Any], function: Any) -> MergeArguments:
@@ -126,7 +130,11 @@ def _resolve(model: Any, args: MergeArguments) -> tuple[Any, Any, Any]:
         svd_rank,
         options,
         parameters=args.caller,
+        merge_into_base=args.merge_into_base,
     )
+    from ..engine.serving import check_serving_target
+
+    check_serving_target(request, args.merge_into_base)
     return source, request, out_dtype
 
 
@@ -143,9 +151,12 @@ def _own_parameters(function: Any) -> list[str]:
 
 def _plan(model: Any, args: MergeArguments) -> _Plan:
     """Validate everything, then compute the merged factors (small: rank x (in + out) per module)."""
+    from ..engine.features import describe_edits
+    from ..gguf_output.options import parse_output_format
     from ..peft_bridge.source import merge_live
     from ..peft_bridge.weights import check_loadable, factors_onloaded, is_quantized
 
+    output = parse_output_format(args.format, args.gguf_type)
     source, request, out_dtype = _resolve(model, args)
     base = source.base
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
@@ -157,6 +168,7 @@ def _plan(model: Any, args: MergeArguments) -> _Plan:
     with factors_onloaded(base, request.adapters, request.is_peft_type):
         merged, report = merge_live(source, request)
         infos = [source.describe(a, w) for a, w in zip(request.adapters, request.weights, strict=True)]
+        edits = source.edits(request) if args.merge_into_base else {}
     info = MergeInfo(
         base_model=hub_id,
         adapters=infos,
@@ -169,8 +181,13 @@ def _plan(model: Any, args: MergeArguments) -> _Plan:
         eval_results=list(args.eval_results) if args.eval_results else None,
         versions=library_versions(),
         provider=request.provider,
+        extras=describe_edits(edits),
+        output_format=output.name,
+        gguf_type=output.gguf_type,
     )
-    return _Plan(source, request, merged, info, out_dtype, name, base_folder(name), checkpoint)
+    plan = _Plan(source, request, merged, info, out_dtype, name, base_folder(name), checkpoint)
+    plan.edits = edits
+    return plan
 
 
 def _model_dtype(base: Any) -> Any:
@@ -201,8 +218,48 @@ def _checkpoint_for_quantized(name: str | None, base_checkpoint: str | os.PathLi
     return folder
 
 
+def _plan_gguf(plan: _Plan) -> Any:
+    """Check and plan the GGUF output of `plan` (architecture, tensors, tokenizer) before any folder exists."""
+    from ..gguf_output.export import plan_lora_export, plan_model_export
+
+    base = plan.source.base
+    config = {**base.config.to_dict(), "architectures": [type(base).__name__]}
+    gguf_type = plan.info.gguf_type
+    if not plan.info.merge_into_base:
+        return plan_lora_export(config, [m.module for m in plan.merged], gguf_type, plan.info.base_model)
+    if plan.checkpoint is not None:
+        raise MergeInputError(
+            "GGUF output from a quantized in-memory base is not supported; merge its full-precision checkpoint with "
+            "merge_checkpoint(..., output_format='gguf') (CLI: peft-merge-ext merge --format gguf)."
+        )
+    from ..peft_bridge.weights import MergedWeightsSource
+
+    weights = MergedWeightsSource(base, plan.merged, plan.dtype, plan.edits)
+    return plan_model_export(config, weights.specs(), [plan.base_folder], gguf_type, plan.info.base_model), weights
+
+
+def _write_gguf(plan: _Plan, folder: Path) -> list[str]:
+    """Write the planned GGUF file (model or LoRA) of `plan` into `folder`; returns the file names written."""
+    from ..checkpoint.adapter_output import write_lineage
+    from .output import stream_weights
+
+    if not plan.info.merge_into_base:
+        return [*plan.gguf.write(folder, plan.merged), write_lineage(folder, plan.info.to_lineage())]
+    export, weights = plan.gguf
+    specs = weights.specs()
+    items = zip(specs, (tensor for _, tensor in weights.tensors()), strict=True)
+    files = stream_weights(folder, specs, items, "5GB", background=False, writer=export.writer(folder))
+    if weights.untied:
+        plan.notes.append(
+            "An adapter changes the tied embeddings, so the GGUF file stores `output.weight` on its own."
+        )
+    return files
+
+
 def _write(plan: _Plan, folder: Path, max_shard_size: int | str) -> list[str]:
     """Write the weights and side files of `plan` into `folder`; returns the file names written."""
+    if plan.gguf is not None:
+        return _write_gguf(plan, folder)
     from ..checkpoint.adapter_output import adapter_state_dict, combined_adapter_config, write_adapter, write_lineage
     from ..checkpoint.side_files import copy_side_files, write_config
     from .output import stream_weights
@@ -222,14 +279,19 @@ def _write(plan: _Plan, folder: Path, max_shard_size: int | str) -> list[str]:
         from ..checkpoint.base_checkpoint import BaseCheckpoint
 
         checkpoint = BaseCheckpoint(plan.checkpoint)
-        checkpoint.untie(dict(getattr(base, "all_tied_weights_keys", None) or {}), {m.weight_key for m in plan.merged})
+        tied = dict(getattr(base, "all_tied_weights_keys", None) or {})
+        checkpoint.untie(tied, {m.weight_key for m in plan.merged}, plan.edits)
         by_key = {m.weight_key: m for m in plan.merged}
         missing = [key for key in by_key if key not in checkpoint.by_name]
         if missing:
             raise MergeInputError(f"The base checkpoint has no weight for LoRA module(s) {missing[:5]}; cannot merge.")
+        from ..peft_bridge.weights import check_edit_keys
+
+        edits = {key: edit for key, edit in plan.edits.items() if key in checkpoint.by_name or key not in tied}
+        check_edit_keys(list(checkpoint.by_name), edits, "base checkpoint")
         specs = checkpoint.specs(plan.dtype)
         transpose = {key: m.module.transpose for key, m in by_key.items()}
-        items = checkpoint.merged_items(lambda key: by_key[key].delta, transpose, plan.dtype)
+        items = checkpoint.merged_items(lambda key: by_key[key].delta, transpose, plan.dtype, edits=edits)
         untied = checkpoint.untied
         plan.notes.append(
             "The base was quantized in memory; the adapters were merged into the full-precision weights of the base "
@@ -238,13 +300,14 @@ def _write(plan: _Plan, folder: Path, max_shard_size: int | str) -> list[str]:
     else:
         from ..peft_bridge.weights import MergedWeightsSource
 
-        weights = MergedWeightsSource(base, plan.merged, plan.dtype)
+        weights = MergedWeightsSource(base, plan.merged, plan.dtype, plan.edits)
         specs = weights.specs()
         items = zip(specs, (tensor for _, tensor in weights.tensors()), strict=True)
         untied = weights.untied
     # Written in this thread: the model is in memory already, so extra memory stays at one merged tensor.
     files = stream_weights(folder, specs, items, max_shard_size, background=False)
     if untied:
+        plan.info.extras["untied"] = sorted(set(untied))
         names = ", ".join(f"`{key}`" for key in sorted(set(untied)))
         plan.notes.append(
             f"The base ties {names}, but an adapter changes them, so the merged model stores them separately "
@@ -284,6 +347,8 @@ def save_merged(
     base_checkpoint: str | os.PathLike | None = None,
     overwrite: bool = False,
     repo_id: str | None = None,
+    format: str | None = None,
+    gguf_type: str | None = None,
     **combination_options: Any,
 ) -> Path:
     """Write the model with its adapter(s) merged in (or the combined adapter alone) to `save_directory`.
@@ -313,6 +378,10 @@ def save_merged(
             required when not found locally or in the HF cache) when the in-memory base is quantized.
         overwrite (`bool`, *optional*, defaults to `False`): Replace an existing output that peft-merge-ext wrote.
         repo_id (`str`, *optional*): The Hub repo the folder is meant for (used in the card's usage snippet).
+        format (`str`, *optional*): `"safetensors"` (default) or `"gguf"`: one llama.cpp file, `model-<TYPE>.gguf`
+            (Llama, Mistral, Qwen2 with a byte-level BPE tokenizer), or with `merge_into_base=False` the combined
+            adapter as a llama.cpp LoRA, `adapter-<TYPE>.gguf` (needs `pip install "peft-merge-ext[gguf]"`).
+        gguf_type (`str`, *optional*): With `format="gguf"`: `f32`, `f16` (default), `bf16` or `q8_0`.
         combination_options: The combination type's options (`t=...` for slerp, `svd_rank`, `density`, ...).
 
     Returns:
@@ -340,6 +409,8 @@ def save_to_folder(
     inputs = [folder for folder in [base_folder(name)] if folder is not None]
     check_output(destination, overwrite=overwrite, inputs=inputs)
     plan = _plan(model, args)
+    if plan.info.output_format == "gguf":
+        plan.gguf = _plan_gguf(plan)
     with output_folder(destination, overwrite=overwrite, inputs=inputs) as folder:
         files = _write(plan, folder, args.max_shard_size)
         files.append(
