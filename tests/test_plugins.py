@@ -31,7 +31,15 @@ from peft_merge_ext.plugins.contract import LowRankDelta, ModuleContext
 from peft_merge_ext.plugins.registry import LOAD_PLUGINS_ENV, Register, load_plugins
 
 EXAMPLE_DISTRIBUTION = "peft-merge-ext-example"
-BUILTIN_TYPES = {"weighted", "average", "slerp", "karcher"}
+BUILTIN_TYPES = {"weighted", "average", "slerp", "karcher"} | {
+    "core_ties",
+    "core_dare",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "knots_ties",
+    "knots_dare",
+}
 PLUGIN_WARNING = "peft-merge-ext plugin"
 
 
@@ -433,12 +441,13 @@ def test_bad_functions_and_validators_are_refused():
         register("mine", "not a function")
     with pytest.raises(PluginError, match="validate"):
         register("mine", _first, validate=42)
-    with pytest.raises(PluginError, match=r"density.*argument of PEFT"):
-        register("mine", _first, options={"density": 0.5})
+    with pytest.raises(PluginError, match=r"svd_clamp.*argument of PEFT"):
+        register("mine", _first, options={"svd_clamp": 0.5})
+    register("shared", _first, options={"density": 0.5, "majority_sign_method": "total"})  # PEFT's meaning: allowed
     with pytest.raises(PluginError, match="identifier"):
         register("mine", _first, options={"not valid": 1})
     register("mine", _first, description="  two\n  lines  ", options={"alpha": 0.5})
-    assert register.registered[0].description == "two lines"
+    assert register.registered[1].description == "two lines"
     with pytest.raises(PluginError, match="twice by the same plugin") as raised:
         register("mine", _first)
     assert not isinstance(raised.value, DuplicateCombinationTypeError)  # a broken plugin, not a conflict

@@ -10,6 +10,10 @@ With deltas `D_i = B_i @ A_i` (`B_i`: `m x r_i`, `A_i`: `r_i x n`) and `R = sum(
   with `R x R` work (what SLERP and Karcher use).
 - `slerp_coefficients` / `karcher_coefficients`: spherical interpolation and the spherical (Karcher) mean of the
   deltas, computed on coefficient vectors with the Gram matrix alone; the result stays in the deltas' span.
+- `core_svd`, `triangle_basis`, `polar_factor`, `compress_in_bases`: the SVD of a small core `R_b R_a^T` with the
+  numerical rank of the product it stands for, the singular vectors of a stacked factor in its QR coordinates, the
+  nearest matrix with orthonormal columns, and `compress` for a product given in orthonormal bases: the building
+  blocks of the task-merging types (`lowrank.core_space`, `lowrank.spectral`).
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ __all__ = [
     "FactoredSpan",
     "KarcherResult",
     "compress",
+    "compress_in_bases",
     "compute_dtype_for",
+    "core_svd",
+    "energy_rank",
     "gram_matrix",
     "karcher_coefficients",
     "linear_combination",
+    "polar_factor",
     "slerp_coefficients",
+    "triangle_basis",
 ]
 
 SLERP_COLINEAR_THRESHOLD = 0.9995
@@ -152,32 +161,39 @@ class FactoredSpan:
         return _block_sums((self.r_b.T @ self.r_b) * (self.r_a.T @ self.r_a), self.ranks)
 
     def combine(
-        self, coefficients: Sequence[float] | torch.Tensor, max_rank: int | None = None
+        self, coefficients: Sequence[float] | torch.Tensor, max_rank: int | None = None, energy: float | None = None
     ) -> tuple[LowRankDelta, CompressionStats]:
         """Exactly `sum(c_i D_i)` at its numerical rank, or its optimal rank-`max_rank` truncation.
 
         Args:
             coefficients (`Sequence[float]` or `torch.Tensor`): One coefficient per delta.
             max_rank (`int`, *optional*): Upper bound on the output rank.
+            energy (`float`, *optional*): Keep the smallest rank whose singular values hold at least this fraction of
+                `sum(S^2)` (in `(0, 1]`), if lower than `max_rank`.
         """
         if len(coefficients) != len(self.ranks):
             raise ValueError(f"Got {len(self.ranks)} deltas but {len(coefficients)} coefficients.")
         scaled_r_b = self.r_b * self._expand(coefficients)  # c_i B_i = Q_b (R_b diag(c))
-        return _compress_core(self.q_b, scaled_r_b, self.q_a, self.r_a, max_rank)
+        return _compress_core(self.q_b, scaled_r_b, self.q_a, self.r_a, max_rank, energy)
 
 
 def _compress_core(
-    q_b: torch.Tensor, r_b: torch.Tensor, q_a: torch.Tensor, r_a: torch.Tensor, max_rank: int | None
+    q_b: torch.Tensor,
+    r_b: torch.Tensor,
+    q_a: torch.Tensor,
+    r_a: torch.Tensor,
+    max_rank: int | None,
+    energy: float | None = None,
 ) -> tuple[LowRankDelta, CompressionStats]:
-    """`Q_b R_b R_a^T Q_a^T` re-factorized through the SVD of the small core `R_b R_a^T`."""
+    """`Q_b R_b R_a^T Q_a^T` re-factorized through the SVD of the small core `R_b R_a^T`, truncated to `max_rank`
+    and to the smallest rank holding the fraction `energy` of `sum(S^2)`."""
     if max_rank is not None and max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer or None, got {max_rank}.")
     out_features, in_features = q_b.shape[0], q_a.shape[0]
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    # |B|_2 |A|_2 (= |R_b|_2 |R_a|_2) sets the size of the rounding error of the factored product.
-    scale = float(torch.linalg.matrix_norm(r_b, ord=2) * torch.linalg.matrix_norm(r_a, ord=2)) if s.numel() else 0.0
-    numerical_rank = _numerical_rank(s, (out_features, in_features), r_b.shape[1], scale)
+    u, s, vh, numerical_rank = core_svd(r_b, r_a, (out_features, in_features))
     rank = numerical_rank if max_rank is None else min(numerical_rank, max_rank)
+    if energy is not None and numerical_rank > 0:
+        rank = min(rank, energy_rank(s[:numerical_rank], energy))
     if rank == 0:
         zero = LowRankDelta(q_b.new_zeros(out_features, 1), q_a.new_zeros(1, in_features))
         return zero, CompressionStats(rank=1, numerical_rank=0, energy_kept=1.0)
@@ -186,11 +202,90 @@ def _compress_core(
     new_a = (root[:, None] * vh[:rank]) @ q_a.T
     energies = s[:numerical_rank] ** 2
     total_energy = float(energies.sum())
-    energy = float(energies[:rank].sum()) / total_energy if total_energy > 0 else 1.0
-    return LowRankDelta(new_b, new_a), CompressionStats(rank, numerical_rank, energy)
+    kept = float(energies[:rank].sum()) / total_energy if total_energy > 0 else 1.0
+    return LowRankDelta(new_b, new_a), CompressionStats(rank, numerical_rank, kept)
 
 
-def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> tuple[LowRankDelta, CompressionStats]:
+def core_svd(
+    r_b: torch.Tensor, r_a: torch.Tensor, shape: tuple[int, int], noise_from: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The SVD `u, s, vh` of the small core `R_b R_a^T` and the numerical rank of the `shape`-sized product
+    `Q_b R_b R_a^T Q_a^T` it stands for (the tolerance of `compress`).
+
+    Args:
+        noise_from (`torch.Tensor`, *optional*): The factor `r_b` was computed from by a projection (which can
+            cancel it down to rounding noise): its size, not the projection's, sets the rounding-noise tolerance.
+    """
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    # |B|_2 |A|_2 (= |R_b|_2 |R_a|_2) sets the size of the rounding error of the factored product.
+    left = r_b if noise_from is None else noise_from
+    scale = float(torch.linalg.matrix_norm(left, ord=2) * torch.linalg.matrix_norm(r_a, ord=2)) if s.numel() else 0.0
+    return u, s, vh, _numerical_rank(s, shape, r_b.shape[1], scale)
+
+
+def triangle_basis(r: torch.Tensor, rows: int) -> torch.Tensor:
+    """The left singular vectors of a tall `rows x R` matrix `Q r` (`Q` from its QR), at its numerical rank
+    (numpy's `matrix_rank` tolerance) and in order of decreasing singular value, as coordinates `P` in `Q`'s basis:
+    the singular vectors themselves are `Q P`. Cost `O(R^3)`.
+
+    Args:
+        r (`torch.Tensor`): The QR triangle, `(min(rows, R), R)`.
+        rows (`int`): The number of rows of `Q r`.
+
+    Returns:
+        `torch.Tensor`: `(min(rows, R), rho)` with orthonormal columns.
+    """
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)
+    return u[:, : _numerical_rank(s, (rows, r.shape[1]), 0, 0.0)]
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor `P Q^T` of `matrix = P diag(S) Q^T` (thin SVD): the matrix with orthonormal
+    columns (orthonormal rows when it is wide) nearest to `matrix` in Frobenius norm, through one QR and a small SVD.
+
+    A rank-deficient `matrix` (e.g. two equal columns) has no unique polar factor; the singular pairs at its
+    numerical rank (numpy's `matrix_rank` tolerance) give the unique partial isometry on its range instead, which
+    maps equal columns to equal columns.
+
+    Args:
+        matrix (`torch.Tensor`): `(n, K)`.
+
+    Returns:
+        `torch.Tensor`: `(n, K)`.
+    """
+    q, r = torch.linalg.qr(matrix)
+    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    rank = _numerical_rank(s, tuple(matrix.shape), 0, 0.0)
+    return q @ (u[:, :rank] @ vh[:rank])
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """The smallest `k` with `sum(S[:k]^2) >= energy * sum(S^2)` (`S` sorted descending, `energy` in `(0, 1]`)."""
+    energies = singular_values**2  # in the compute dtype (float64, float32 on MPS)
+    cumulative = torch.cumsum(energies, 0)
+    below = int((cumulative < energy * cumulative[-1]).sum())
+    return min(below + 1, singular_values.numel())
+
+
+def compress_in_bases(
+    left: torch.Tensor, core: torch.Tensor, right: torch.Tensor, max_rank: int | None = None
+) -> tuple[LowRankDelta, CompressionStats]:
+    """`compress` for a product already given in orthonormal bases, `left @ core @ right^T` (`left`: `out x p` and
+    `right`: `in x q` with orthonormal columns, `core`: `p x q`): the SVD of `core` alone, no QR.
+
+    Args:
+        left (`torch.Tensor`): `(out, p)`, orthonormal columns.
+        core (`torch.Tensor`): `(p, q)`.
+        right (`torch.Tensor`): `(in, q)`, orthonormal columns.
+        max_rank (`int`, *optional*): Upper bound on the output rank.
+    """
+    identity = torch.eye(core.shape[1], dtype=core.dtype, device=core.device)
+    return _compress_core(left, core, right, identity, max_rank)
+
+
+def compress(
+    B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None, energy: float | None = None
+) -> tuple[LowRankDelta, CompressionStats]:
     """Re-factorize `B @ A` to its exact numerical rank, or to the optimal rank `max_rank` if that is lower.
 
     Singular values are treated as zero up to numpy's `matrix_rank` tolerance, `S_max * max(out, in) * eps(dtype)`,
@@ -202,12 +297,13 @@ def compress(B: torch.Tensor, A: torch.Tensor, max_rank: int | None = None) -> t
         B (`torch.Tensor`): Left factor `(out, R)`.
         A (`torch.Tensor`): Right factor `(R, in)`.
         max_rank (`int`, *optional*): Upper bound on the output rank (Eckart-Young truncation).
+        energy (`float`, *optional*): Keep only the smallest rank holding this fraction of `sum(S^2)` (`svd_energy`).
 
     Returns:
         `tuple[LowRankDelta, CompressionStats]`: Balanced factors `(U sqrt(S), sqrt(S) V^T)` of rank at least 1 (an
         all-zero delta gives rank-1 zero factors) and what was kept.
     """
-    return FactoredSpan.from_deltas([LowRankDelta(B, A)]).combine([1.0], max_rank)
+    return FactoredSpan.from_deltas([LowRankDelta(B, A)]).combine([1.0], max_rank, energy)
 
 
 def linear_combination(

@@ -15,6 +15,8 @@ from ..errors import CombinationError, MergeInputError
 from ..lowrank.factor_math import FactoredSpan, karcher_coefficients, slerp_coefficients
 from ..plugins.contract import LowRankDelta, ModuleContext
 from ..plugins.hookspecs import hookimpl
+from .builtin_task_methods import register_task_merging_types
+from .validation import check_non_negative, check_not_all_zero
 
 __all__ = ["average", "karcher", "register_combination_types", "resolve_t", "slerp", "weighted"]
 
@@ -31,11 +33,7 @@ def weighted(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: 
 
 
 def _validate_weighted(weights: list[float], options: dict[str, Any]) -> None:
-    if not any(weights):
-        raise MergeInputError(
-            f"combination_type='weighted' got weights that are all 0 ({weights}): the merged adapter would be zero. "
-            "Give at least one non-zero weight."
-        )
+    check_not_all_zero("weighted", weights)
 
 
 def _validate_average(weights: list[float], options: dict[str, Any]) -> None:
@@ -50,16 +48,6 @@ def average(deltas: Sequence[LowRankDelta], weights: Sequence[float], context: M
     """`sum(w_i D_i) / sum(w_i)`: equal weights give the plain mean."""
     total = sum(weights)
     return _finish(FactoredSpan.from_deltas(deltas), [w / total for w in weights], context)
-
-
-def _check_non_negative(name: str, weights: list[float]) -> None:
-    if any(w < 0 for w in weights):
-        raise MergeInputError(
-            f"combination_type={name!r} needs non-negative weights, got {weights}; use 'weighted' to subtract "
-            "adapters."
-        )
-    if not any(w > 0 for w in weights):
-        raise MergeInputError(f"combination_type={name!r} needs at least one positive weight, got {weights}.")
 
 
 def _check_t_value(value: Any, where: str) -> None:
@@ -136,7 +124,7 @@ def resolve_t(t: Any, weights: Sequence[float], context: ModuleContext) -> float
 def _validate_slerp(weights: list[float], options: dict[str, Any]) -> None:
     if len(weights) != 2:
         raise MergeInputError(f"combination_type='slerp' interpolates exactly 2 adapters, got {len(weights)}.")
-    _check_non_negative("slerp", weights)
+    check_non_negative("slerp", weights)
     _check_t(options.get("t"))
 
 
@@ -154,7 +142,7 @@ def slerp(
 def _validate_karcher(weights: list[float], options: dict[str, Any]) -> None:
     if len(weights) < 2:
         raise MergeInputError(f"combination_type='karcher' needs at least 2 adapters, got {len(weights)}.")
-    _check_non_negative("karcher", weights)
+    check_non_negative("karcher", weights)
     tol, max_iter = options.get("tol"), options.get("max_iter")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise MergeInputError(f"karcher: tol must be a positive number, got {tol!r}.")
@@ -180,7 +168,8 @@ def karcher(
 
 @hookimpl
 def register_combination_types(register: Any) -> None:
-    """Register `weighted`, `average`, `slerp` and `karcher`."""
+    """Register `weighted`, `average`, `slerp`, `karcher` and the task-merging types (`plugins.builtin_task_methods`:
+    `core_ties`, `core_dare`, `tsv`, `iso_c`, `iso_cts`, `knots_ties`, `knots_dare`)."""
     register(
         "weighted",
         weighted,
@@ -205,3 +194,4 @@ def register_combination_types(register: Any) -> None:
         description="Weighted Karcher (Riemannian) mean of the delta directions, scaled by the mean norm.",
         validate=_validate_karcher,
     )
+    register_task_merging_types(register)

@@ -68,7 +68,8 @@ PEFT_COMBINATION_TYPES = frozenset(
     }
 )
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
-# The parameters of PEFT's `add_weighted_adapter`: an option with one of these names could never reach a plugin.
+# The parameters of PEFT's `add_weighted_adapter`: an option with one of these names could never reach a plugin
+# (`density` and `majority_sign_method` may be declared: the drop-in passes them on, with PEFT's meaning).
 RESERVED_OPTION_NAMES = frozenset(
     {
         "self",
@@ -80,8 +81,6 @@ RESERVED_OPTION_NAMES = frozenset(
         "svd_clamp",
         "svd_full_matrices",
         "svd_driver",
-        "density",
-        "majority_sign_method",
     }
 )
 
