@@ -1,0 +1,235 @@
+"""Running a mergekit configuration of `base+adapter` LoRA models without materializing them.
+
+mergekit writes every `base+adapter` as a full model into a cache before merging. Here the base checkpoint is read
+one tensor at a time (`checkpoint.base_checkpoint`): a tensor no adapter touches is copied file to file; for a
+LoRA-targeted weight `W`, each input's full weight `W + D_i` is formed densely for that one module (`D_i = B_i A_i`
+with its scaling, rounded to `W`'s dtype and added as PEFT's `merge_and_unload` does), and mergekit's method
+(`engine.mergekit_methods`) merges them in mergekit's working dtype. Peak memory is a few copies of the largest
+targeted weight; nothing is cached on disk. Everything is validated (the configuration, the adapters against the
+base, every parameter for every tensor) before the output folder exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..engine.mergekit_methods import merge_tensor
+from .mergekit_config import MergekitConfig
+
+__all__ = ["run_mergekit_config"]
+
+
+def _position(layer_index: int | None, layers: int | None) -> float:
+    """mergekit's `t` of a tensor for gradients: `layer / (layers - 1)` in the blocks (1 with one block), else 0."""
+    if layer_index is None or not layers:
+        return 0.0
+    return layer_index / (layers - 1) if layers > 1 else 1.0
+
+
+class _MergekitWeights:
+    """The merged value of each targeted weight, mergekit's way, and the per-module report."""
+
+    def __init__(self, config: MergekitConfig, plan: Any) -> None:
+        import torch
+
+        from ..checkpoint.side_files import parse_dtype
+        from ..engine.combine import num_layers
+
+        self.config, self.plan = config, plan
+        self.work_dtype = parse_dtype(config.dtype)
+        self.layers = num_layers(plan.base_config, plan.source.module_names())
+        # The plan lists the adapters in the order of `config.adapters`.
+        names = {folder: adapter.name for folder, adapter in zip(config.adapters, plan.adapters, strict=True)}
+        self.adapter_names = [names[entry.adapter] if entry.adapter else None for entry in config.inputs]
+        self.torch = torch
+        self.modules: list[Any] = []
+        self.parameters = {key: self._parameters(key) for key in plan.targets}  # every value checked up front
+
+    def _parameters(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        module = self.plan.source.module(self.plan.targets[key], self.plan.transpose[key])
+        return self.config.resolve(key, _position(module.layer_index, self.layers))
+
+    def __call__(self, key: str, weight: Any) -> Any:
+        from ..engine.report import ModuleReport
+
+        torch = self.torch
+        plan = self.plan
+        module = plan.source.module(plan.targets[key], plan.transpose[key])
+        weight = weight.to(plan.device)
+        work_dtype = self.work_dtype or weight.dtype
+        exact = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        inputs, touched = [], 0
+        for adapter in self.adapter_names:
+            value = weight
+            delta = module.read(adapter) if adapter is not None else None
+            if delta is not None:
+                touched += 1
+                dense = delta.B.to(exact) @ delta.A.to(exact)
+                dense = (dense.T if module.transpose else dense).reshape(weight.shape)
+                value = dense.add_(weight).to(weight.dtype)  # W + D in float32, one rounding, as merge_and_unload
+                del dense
+            inputs.append(value.to(work_dtype))
+            del value
+        merged = self._merge(key, inputs)
+        del inputs
+        stats = {"inputs": len(self.adapter_names), "adapters": touched}
+        self.modules.append(ModuleReport(module.name, module.layer_index, stats))
+        return merged
+
+    def _merge(self, key: str, inputs: list[Any]) -> Any:
+        shared, per_model = self.parameters[key] if key in self.parameters else self._untouched_parameters(key)
+        return merge_tensor(self.config.method, inputs, self.config.base_index, shared, per_model)
+
+    def _untouched_parameters(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from ..engine.combine import FactorModule
+
+        layer = FactorModule(key, "linear", (0, 0), lambda _: None, self.plan.device, self.torch.float32).layer_index
+        return self.config.resolve(key, _position(layer, self.layers))
+
+    def shared(self, key: str, weight: Any) -> Any:
+        """A tensor no adapter touches, through the method with every input equal to the base's value."""
+        work = weight.to(self.plan.device).to(self.work_dtype or weight.dtype)
+        return self._merge(key, [work] * len(self.config.inputs))
+
+
+def _items(plan: Any, weights: _MergekitWeights, out_dtype: Any) -> Iterator[tuple[Any, Any]]:
+    """`(spec, tensor or CopyFromFile)` in storage order: targeted weights merged, the others as the base has them.
+
+    Except for `karcher`: its iteration runs in the working dtype, so mergekit's result for a tensor every input
+    shares is the base's only up to a few units in the last place; such tensors go through the method as well.
+    """
+    from ..checkpoint.base_checkpoint import CopyFromFile
+
+    checkpoint = plan.checkpoint
+    recompute = weights.config.method == "karcher"
+    for tensor, spec in zip(checkpoint.tensors, checkpoint.specs(out_dtype), strict=True):
+        shared = recompute and tensor.dtype.is_floating_point
+        as_stored = spec.dtype == tensor.dtype and tensor.data_offset is not None
+        if tensor.name not in plan.targets and not shared and as_stored:
+            yield spec, CopyFromFile(tensor.file, tensor.data_offset)
+            continue
+        value = checkpoint.read(tensor)
+        if tensor.name in plan.targets:
+            value = weights(tensor.name, value)
+        elif shared:
+            value = weights.shared(tensor.name, value)
+        yield spec, value.to(spec.dtype)
+
+
+def _public_config(config: MergekitConfig) -> dict[str, Any]:
+    """The configuration with every local path reduced to its folder name (for the model card)."""
+    from ..checkpoint.side_files import public_name
+
+    def public(reference: Any) -> Any:
+        if not isinstance(reference, str):
+            return reference
+        return "+".join(public_name(part) or part for part in reference.split("+"))
+
+    data = dict(config.data)
+    data["models"] = [
+        {**entry, "model": public(entry.get("model"))} if isinstance(entry, dict) else public(entry)
+        for entry in data.get("models") or []
+    ]
+    if data.get("base_model") is not None:
+        data["base_model"] = public(data["base_model"])
+    return data
+
+
+def run_mergekit_config(
+    config: MergekitConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    device: Any = None,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "5GB",
+    inputs: Sequence[str | Path] = (),
+) -> Any:
+    """Merge as mergekit would, streaming, and write the merged model to `out`.
+
+    Args:
+        config (`MergekitConfig`): The validated configuration (`mergekit_config.parse_mergekit_config`).
+        out (`str` or `Path`): The output folder (must not exist or be empty unless `overwrite`).
+        overwrite, quiet, device, allow_pickle, max_shard_size, inputs: As in `merge_checkpoint`.
+
+    Returns:
+        `CheckpointMergeResult`: The folder, files and `MergeInfo`.
+    """
+    from ..checkpoint.output_folder import check_output, output_folder
+    from ..checkpoint.side_files import copy_side_files, hub_id_of, parse_dtype, write_config
+    from ..engine.merge_info import MergeInfo, library_versions
+    from ..engine.report import MergeReport
+    from .checkpoint_plan import plan_checkpoint_merge
+    from .merge_checkpoint import CheckpointMergeResult
+    from .output import stream_weights, write_card, write_manifest
+
+    started = time.perf_counter()
+    out_dtype = parse_dtype(config.out_dtype or config.dtype)
+    plan = plan_checkpoint_merge(
+        config.base,
+        config.adapters,
+        combination_type="weighted",
+        dtype=out_dtype,
+        device=device,
+        allow_pickle=allow_pickle,
+    )
+    if getattr(plan, "edits", None):  # DoRA magnitudes, LoRA biases, modules_to_save...: not B @ A
+        from .mergekit_config import refusal
+
+        raise refusal(
+            f"adapter(s) {', '.join(a.name for a in plan.adapters)} change tensors beyond B @ A (DoRA, LoRA bias, "
+            "modules_to_save or trainable tokens), which this path does not reproduce"
+        )
+    weights = _MergekitWeights(config, plan)
+    owned = [*(a.folder for a in plan.adapters), plan.base_folder, *inputs]
+    check_output(out, overwrite=overwrite, inputs=owned)
+    pairs = zip(config.adapters, plan.adapters, strict=True)
+    infos = [plan.source.describe(adapter, _scalar_weight(config, folder)) for folder, adapter in pairs]
+    with output_folder(out, overwrite=overwrite, inputs=owned) as folder:
+        specs = plan.checkpoint.specs(out_dtype)
+        # Written in this thread, one tensor at a time: computing dominates, and no queue of results builds up.
+        items = _items(plan, weights, out_dtype)
+        files = stream_weights(folder, specs, items, max_shard_size, quiet=quiet, background=False)
+        report = MergeReport(
+            combination_type=f"mergekit_{config.method}",
+            adapters=[info.name for info in infos],
+            weights=[info.weight for info in infos],
+            options=dict(config.parameters),
+            svd_rank=None,
+            provider="peft-merge-ext (mergekit semantics)",
+            seconds=time.perf_counter() - started,
+            modules=weights.modules,
+        )
+        info = MergeInfo(
+            base_model=hub_id_of(plan.base),
+            adapters=infos,
+            combination_type=f"mergekit_{config.method}",
+            options=dict(config.parameters),
+            merge_into_base=True,
+            dtype=config.out_dtype or config.dtype,
+            report=report,
+            versions=library_versions(),
+            provider=report.provider,
+            mergekit_config=_public_config(config),
+        )
+        untied = bool(plan.checkpoint.untied)
+        write_config(plan.base_config, folder, dtype=out_dtype, untied=untied, hub_id=info.base_model)
+        files.append("config.json")
+        files += copy_side_files([plan.base_folder], folder, info.base_model)
+        files.append(write_card(info, folder, repo_id=Path(out).name, base_card_folder=plan.base_folder))
+        write_manifest(folder, files)
+    return CheckpointMergeResult(Path(out), files, info, None, time.perf_counter() - started)
+
+
+def _scalar_weight(config: MergekitConfig, folder: Path) -> float:
+    """The `weight` of the input using adapter `folder`, when it is one number (for the card's table), else 1.0."""
+    for entry in config.inputs:
+        if entry.adapter == folder:
+            value = entry.parameters.get("weight", config.parameters.get("weight"))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return 1.0
