@@ -5,6 +5,7 @@ peft-merge-ext plugins [--json]
 peft-merge-ext demo [--out DIR]
 peft-merge-ext merge --base PATH --adapter PATH [--adapter PATH ...] [--weights W ...] [--method NAME] [--t T ...]
                      [--svd-rank K] [--dtype bf16] --out DIR [--push REPO_ID] [--private] [--dry-run] [--quiet]
+                     [--format {safetensors,gguf}] [--gguf-type {f32,f16,bf16,q8_0}]
 peft-merge-ext run RECIPE.yaml [--dry-run]
 peft-merge-ext upload DIR REPO_ID [--private | --public] [--revision B] [--create-pr] [--message M] [--description D]
 peft-merge-ext search --base PATH --adapter PATH ... --eval-file JSONL [--method NAME] [--budget N] [--seed S]
@@ -52,7 +53,29 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="Any option of the method; VALUE is parsed as JSON when it can be (e.g. --option max_iter=50).",
     )
     parser.add_argument("--svd-rank", type=int, metavar="K", help="Upper bound on the merged rank per module.")
+    parser.add_argument(
+        "--svd-energy", type=float, metavar="F", help="Keep per module the smallest rank holding this energy fraction."
+    )
+    parser.add_argument(
+        "--uniform-rank",
+        nargs="*",
+        type=int,
+        metavar="R",
+        help="Give the combined adapter one rank, the smallest of R... (default: the ranks vLLM accepts) that fits.",
+    )
+    parser.add_argument(
+        "--adapter-only", action="store_true", help="Write the combined LoRA adapter instead of a merged model."
+    )
     parser.add_argument("--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's).")
+    parser.add_argument(
+        "--format",
+        dest="output_format",
+        choices=["safetensors", "gguf"],
+        help="safetensors (default: a Hugging Face folder) or gguf (one llama.cpp file; Llama, Mistral, Qwen2).",
+    )
+    parser.add_argument(
+        "--gguf-type", help="With --format gguf: f32, f16 (default), bf16 or q8_0 (type of the 2-D weights)."
+    )
     parser.add_argument("--device", help="Where deltas are computed, e.g. cuda (default: cpu).")
     parser.add_argument("--max-shard-size", default="5GB", help="Output shard size limit (default: 5GB).")
     parser.add_argument("--allow-pickle", action="store_true", help="Accept .bin pickle weights (weights_only).")
@@ -93,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="No progress bar.")
     run.add_argument("--allow-pickle", action="store_true", help="Accept .bin pickle weights (weights_only).")
     run.add_argument("--device", help="Where deltas are computed, e.g. cuda (default: cpu).")
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        help="Output folder of the last step, overriding the recipe's; for a mergekit configuration (default: "
+        "merged, next to it).",
+    )
 
     upload = commands.add_parser("upload", help="Upload a merged folder (e.g. after a failed push).")
     upload.add_argument("folder", help="The folder to upload.")
@@ -133,6 +162,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    if getattr(args, "svd_energy", None) is not None:
+        options["svd_energy"] = args.svd_energy
+    if getattr(args, "uniform_rank", None) is not None:
+        options["uniform_rank"] = list(args.uniform_rank) or True
     return options
 
 
@@ -188,7 +221,7 @@ def _print_result(result: Any) -> None:
 
 
 def _command_merge(args: argparse.Namespace) -> int:
-    from ..publish.merge_checkpoint import merge_checkpoint, plan_checkpoint_merge
+    from ..publish.merge_checkpoint import gguf_problems, merge_checkpoint, plan_checkpoint_merge
 
     options = _options(args)
     common = {
@@ -198,11 +231,13 @@ def _command_merge(args: argparse.Namespace) -> int:
         "svd_rank": args.svd_rank,
         "allow_pickle": args.allow_pickle,
         "device": args.device,
+        "merge_into_base": not args.adapter_only,
     }
     if args.dry_run:
         plan = plan_checkpoint_merge(args.base, args.adapter, strict=False, **common, **options)
         inputs = [*(adapter.folder for adapter in plan.adapters), plan.base_folder]
         plan.problems.extend(_output_problems(args.out, args.overwrite, inputs))
+        plan.problems.extend(gguf_problems(plan, args.output_format, args.gguf_type))
         print(plan.describe())
         return EXIT_BAD_INPUT if plan.problems else 0
     result = merge_checkpoint(
@@ -214,6 +249,8 @@ def _command_merge(args: argparse.Namespace) -> int:
         private=True if args.private else None,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        output_format=args.output_format,
+        gguf_type=args.gguf_type,
         **common,
         **options,
     )
@@ -224,10 +261,19 @@ def _command_merge(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..recipe import load_recipe
+    from ..publish.mergekit_config import is_mergekit_config
+    from ..recipe import load_recipe, read_recipe_yaml
     from .recipe_runner import run_recipe
 
+    data, source_dir = read_recipe_yaml(Path(args.recipe))
+    if is_mergekit_config(data):
+        from .mergekit_command import run_mergekit_file
+
+        problems = run_mergekit_file(args, data, source_dir, _output_problems, _print_result)
+        return EXIT_BAD_INPUT if problems else 0
     recipe = load_recipe(Path(args.recipe))
+    if args.out is not None:  # relative to where the command runs, like every command-line path
+        recipe.steps[-1].output = str(Path(args.out).absolute())
     common = {"allow_pickle": args.allow_pickle, "device": args.device, "recipe_file": args.recipe}
     if args.dry_run:
         problems = 0

@@ -49,6 +49,8 @@ def _run_in_memory(base: str, paths: list[str], step: RecipeStep, output: str, o
         merge_into_base=step.merge_into_base,
         dtype=step.dtype,
         overwrite=overwrite,
+        format=step.format,
+        gguf_type=step.gguf_type,
         **options,
     )
 
@@ -128,6 +130,8 @@ def run_recipe(
                     push_to=push.repo_id if push else None,
                     private=push.private if push else None,
                     token=token,
+                    output_format=step.format,
+                    gguf_type=step.gguf_type,
                     **common,
                 )
             )
