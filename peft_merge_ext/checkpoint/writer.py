@@ -36,6 +36,7 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "TensorSpec",
     "atomic_directory",
+    "copy_range",
     "parse_size",
     "plan_shards",
 ]
@@ -309,7 +310,7 @@ class ShardedSafetensorsWriter:
                         raise ValueError(
                             f"{source} is too short to hold the {spec.nbytes} bytes of {name!r} at {offset}."
                         )
-                    _copy_range(handle.fileno(), offset, fd, slot.offset, spec.nbytes)
+                    copy_range(handle.fileno(), offset, fd, slot.offset, spec.nbytes)
         self._written.add(name)
 
     @contextlib.contextmanager
@@ -413,7 +414,7 @@ def disk_error(error: OSError, action: str) -> MergeInputError:
     return MergeInputError(f"{action} failed ({reason}): {hint}, or choose another output location.")
 
 
-def _copy_range(source_fd: int, source_offset: int, fd: int, offset: int, count: int) -> None:
+def copy_range(source_fd: int, source_offset: int, fd: int, offset: int, count: int) -> None:
     """Copy `count` bytes from `source_fd` at `source_offset` to `fd` at `offset`: in the kernel with
     `os.copy_file_range` when available, else (or when the system refuses it) through a buffer of at most 16 MB."""
     done = 0

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.writer import TensorSpec, _copy_range, disk_error
+from ..checkpoint.writer import TensorSpec, copy_range, disk_error
 
 __all__ = ["GGUFFileWriter", "TensorPlan"]
 
@@ -174,7 +174,7 @@ class GGUFFileWriter:
             fout.flush()
             start = fout.tell()
             with open(source, "rb") as handle:
-                _copy_range(handle.fileno(), offset, fout.fileno(), start, plan.nbytes)
+                copy_range(handle.fileno(), offset, fout.fileno(), start, plan.nbytes)
             fout.seek(start + plan.nbytes)
             self._writer.write_padding(fout, plan.nbytes)
         except OSError as error:
