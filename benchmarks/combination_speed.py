@@ -14,6 +14,9 @@ Run from the repository root:
 
     python benchmarks/combination_speed.py            # full: 32 blocks, 4 adapters, PEFT svd on 2 modules
     python benchmarks/combination_speed.py --quick    # 4 blocks, 2 adapters, PEFT svd on 1 module
+    python benchmarks/combination_speed.py --adapters 8 --types core_ties --dense none   # the whole-model goal
+
+The tables are printed and written to `benchmarks/results/combination_speed[-quick][-K-adapters].md` (and `.json`).
 
 Columns: `per 4096x14336 module` is the time to combine one MLP projection (median over the measured modules;
 for PEFT's `cat`/`linear`, the whole-model time divided by the number of modules; for PEFT's `svd`, the time of
@@ -23,27 +26,48 @@ per-module time, marked `est.`). `max rel. error` is `|merged - reference|_F / |
 modules), the reference being computed densely in float64 from PEFT's own per-adapter `get_delta_weight`; for
 truncated results it is the dense SVD truncation of the reference, and on the 4096x14336 module the comparison is
 with PEFT's `svd` result (a dense float64 SVD of that size is too slow for a benchmark).
+
+Second table: every built-in task-merging type (`core_ties`, `core_dare`, `tsv`, `iso_c`, `iso_cts`, `knots_ties`,
+`knots_dare`: every registered built-in type but `weighted`, `average`, `slerp`, `karcher`), default options, against
+the same method computed densely by `benchmarks/dense_routes.py` (float32 dense deltas, dense SVDs, dense TIES/DARE
+on the `out x in` matrices), in the same run, on one 4096x14336 and one 1024x4096 module (the first dense SVD of each
+shape is timed, the later ones of that shape are charged its time: see that module). The
+speed-up goal is >= 1000x per 4096x14336 module; `result vs dense route` is the relative Frobenius difference of the
+two results where the maths is the same (float32 rounding), and for information where it is not (full-space TIES /
+DARE is another method than TIES / DARE in core space; DARE's random draws differ).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.dense_routes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.dense_routes import DENSE_ROUTES, DenseOps
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+# The built-in types older than the task-merging ones; every other built-in type gets a row against its dense route.
+BASELINE_TYPES = ("weighted", "average", "slerp", "karcher")
+SPEEDUP_GOAL = 1000  # factor space vs the dense route, per 4096x14336 module
+WHOLE_MODEL_GOAL = ("core_ties", 8, 30.0)  # type, adapters, seconds: a whole 32-block merge
 
 
 @dataclass
@@ -220,12 +244,18 @@ def reference_for(method: str, deltas: list[torch.Tensor], weights: list[float],
     raise ValueError(method)
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    """Whether `--types` (a comma-separated list of type names, `None`: all) selects `name`."""
+    return args.types is None or name in args.types
+
+
+def run(args: argparse.Namespace) -> tuple[list[Row], list[TaskRow]]:
     import peft_merge_ext
     from peft_merge_ext.engine.request import resolve_request as prepare_request
 
     adapters = [f"task{i}" for i in range(args.adapters)]
-    weights = [round(1.0 / args.adapters + 0.05 * (i - (args.adapters - 1) / 2), 4) for i in range(args.adapters)]
+    step = 0.05 if args.adapters <= 4 else 0.2 / args.adapters  # distinct positive weights around 1 / k
+    weights = [round(1.0 / args.adapters + step * (i - (args.adapters - 1) / 2), 4) for i in range(args.adapters)]
     started = time.perf_counter()
     model = build_model(args.layers, adapters, LINEAR_PROJECTIONS)
     layers = lora_layers(model, adapters[0])
@@ -260,6 +290,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         return value
 
     for label, kind, use, use_weights, extra in ours:
+        if not wanted(args, kind):
+            continue
         svd_rank = extra.get("svd_rank")
         request = prepare_request(model.peft_config, use, use_weights, kind, svd_rank, {})
         per_module = time_ours_per_module(model, request, big, args.repeats)
@@ -291,8 +323,10 @@ def run(args: argparse.Namespace) -> list[Row]:
         print(f"{label}: {per_module * 1e3:.1f} ms per 4096x14336 module, {whole:.2f} s whole model", flush=True)
         delete(model, "merged")
 
+    task_rows = measure_task_merging(args, model, adapters, weights, layers, big)
+
     use_cpu_placeholders(model)  # for PEFT's own types (see the function)
-    for kind in ("cat", "linear"):
+    for kind in [kind for kind in ("cat", "linear") if wanted(args, kind)]:
         started = time.perf_counter()
         model.add_weighted_adapter(adapters, weights, "merged", combination_type=kind)
         whole = time.perf_counter() - started
@@ -308,10 +342,166 @@ def run(args: argparse.Namespace) -> list[Row]:
         delete(model, "merged")
 
     print(f"(dense float64 reference checks took {reference_seconds[0]:.0f} s)", flush=True)
-    if args.svd_modules > 0:
+    if args.svd_modules > 0 and wanted(args, "svd") and any(r.method.startswith("weighted, svd_rank") for r in rows):
         svd_row = measure_peft_svd(args, model, adapters, weights, big[: args.svd_modules], rows, len(layers))
         rows.append(svd_row)
+    return rows, task_rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task-merging types (Core Space TIES/DARE, TSV, Iso-C/CTS, KnOTS) against their dense full-space routes
+
+
+@dataclass
+class TaskRow:
+    """One task-merging type: factor space vs its dense route (`benchmarks.dense_routes`)."""
+
+    method: str
+    route: str
+    same_result: bool
+    per_module: float  # ours, median over the sampled 4096x14336 modules
+    per_small_module: float = 0.0  # ours, on the 1024x4096 module
+    whole: float = 0.0  # whole-model add_weighted_adapter
+    dense: dict = field(default_factory=dict)  # module shape -> seconds, charged SVDs, steps, difference
+    stats: str = ""
+
+    def speedup(self, shape: str) -> float | None:
+        dense = self.dense.get(shape)
+        ours = self.per_module if shape == "4096x14336" else self.per_small_module
+        return dense["seconds"] / ours if dense and ours else None
+
+
+def _report_stats(report) -> str:
+    """Mean kept fraction / sign-conflict rate / kept triplets over the modules, where the type records them."""
+    parts = []
+    for key in ("kept_fraction", "sign_conflict_rate", "kept_triplets", "common_rank", "task_rank", "aligned_rank"):
+        values = [m.stats[key] for m in report.modules if key in m.stats]
+        if values:
+            parts.append(f"{key} {statistics.fmean(values):.3g}")
+    return ", ".join(parts)
+
+
+def measure_task_merging(args, model, adapters, weights, layers, big) -> list[TaskRow]:
+    """Each built-in type newer than `BASELINE_TYPES`, with its default options: ours per module and for the whole
+    model, and its dense route on one 1024x4096 and one 4096x14336 module (the first dense SVD of each shape timed,
+    later ones of the same shape charged that time, see `benchmarks.dense_routes`)."""
+    import peft_merge_ext
+    from peft_merge_ext.engine.request import resolve_request
+    from peft_merge_ext.plugins.registry import get_combination_types
+
+    types = {
+        name: combination
+        for name, combination in get_combination_types().items()
+        if combination.plugin == "builtin" and name not in BASELINE_TYPES and wanted(args, name)
+    }
+    small = "model.layers.0.self_attn.k_proj"
+    modules = {
+        shape: (name, DenseOps(charge_repeats=True)) for shape, name in (("1024x4096", small), ("4096x14336", big[0]))
+    }
+    rows = []
+    for name, combination in types.items():
+        request = resolve_request(model.peft_config, adapters, weights, name, None, {})
+        per_module = time_ours_per_module(model, request, big, args.repeats)
+        per_small = time_ours_per_module(model, request, [small], args.repeats)
+        started = time.perf_counter()
+        model.add_weighted_adapter(adapters, weights, "merged", combination_type=name)
+        whole = time.perf_counter() - started
+        merged_layers = lora_layers(model, "merged")
+        route = DENSE_ROUTES.get(name)
+        row = TaskRow(name, route.description if route else "-", bool(route and route.same_result), per_module)
+        row.per_small_module, row.whole = per_small, whole
+        row.stats = _report_stats(peft_merge_ext.get_merge_report(model, "merged"))
+        print(f"{name}: {per_module * 1e3:.1f} ms per 4096x14336 module, {whole:.2f} s whole model", flush=True)
+        for shape, (module_name, ops) in modules.items():
+            if route is None or shape not in args.dense_shapes:
+                continue
+            ops.reset()
+            module = layers[module_name]
+            with torch.no_grad():
+                deltas = ops.run("dense deltas", lambda m=module: [m.get_delta_weight(a).detach() for a in adapters])
+                result = route.function(ops, deltas, weights, [RANK] * len(adapters), dict(combination.options))
+                ours = merged_layers[module_name].get_delta_weight("merged").detach().double()
+                difference = float((ours - result.double()).norm() / result.double().norm())
+                row.dense[shape] = {
+                    "seconds": ops.seconds,
+                    "charged_svds": ops.charged,
+                    "steps": [[label, seconds, charged] for label, seconds, charged in ops.steps],
+                    "difference": difference,
+                }
+                if shape == "1024x4096":  # the same route in float64 (untimed): agreement beyond float32 rounding
+                    exact = route.function(
+                        DenseOps(charge_repeats=True),
+                        [d.double() for d in deltas],
+                        weights,
+                        [RANK] * len(adapters),
+                        dict(combination.options),
+                    )
+                    row.dense[shape]["difference_float64"] = float((ours - exact).norm() / exact.norm())
+            del deltas, result, ours
+            gc.collect()
+            print(f"  dense route on {shape}: {ops.seconds:.1f} s ({ops.charged} SVDs charged)", flush=True)
+        rows.append(row)
+        delete(model, "merged")
     return rows
+
+
+def task_markdown(rows: list[TaskRow], args: argparse.Namespace) -> str:
+    def seconds(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+    lines = [
+        "| type | dense route (float32) | ours per 4096x14336 module | dense per 4096x14336 module | speed-up "
+        f"(goal >= {SPEEDUP_GOAL:,}x) | ours / dense per 1024x4096 module | result vs dense route "
+        f"(rel. diff.) | whole model ({args.adapters} adapters) | report statistics |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        big, small = row.dense.get("4096x14336"), row.dense.get("1024x4096")
+        speedup = row.speedup("4096x14336")
+        met = "" if speedup is None else (" met" if speedup >= SPEEDUP_GOAL else " **not met**")
+        dense_big = "-" if big is None else seconds(big["seconds"])
+        if big and big["charged_svds"]:
+            dense_big += f" ({big['charged_svds']} SVDs charged)"
+        small_cell = "-"
+        if small:
+            small_cell = (
+                f"{seconds(row.per_small_module)} / {seconds(small['seconds'])} ({row.speedup('1024x4096'):,.0f}x)"
+            )
+        differences = [d["difference"] for d in (big, small) if d]
+        if not differences:
+            agreement = "-"
+        elif row.same_result:
+            agreement = f"{max(differences):.1e} (same maths, float32)"
+            if small and "difference_float64" in small:
+                agreement += f"; {small['difference_float64']:.1e} vs the float64 route"
+        else:
+            agreement = (
+                f"{max(differences):.2f} (another result: {'random draws' if 'dare' in row.method else 'method'})"
+            )
+        cells = [
+            f"`{row.method}`",
+            row.route,
+            seconds(row.per_module),
+            dense_big,
+            "-" if speedup is None else f"{speedup:,.0f}x{met}",
+            small_cell,
+            agreement,
+            seconds(row.whole),
+            row.stats,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    goal_type, goal_adapters, goal_seconds = WHOLE_MODEL_GOAL
+    whole = next((row.whole for row in rows if row.method == goal_type), None)
+    if whole is not None and args.adapters == goal_adapters and args.layers == 32:
+        status = "met" if whole < goal_seconds else "**not met**"
+        lines.append("")
+        lines.append(
+            f"Goal: a whole 32-block merge of {goal_adapters} rank-{RANK} adapters with `{goal_type}` in < "
+            f"{goal_seconds:.0f} s: {whole:.2f} s, {status}."
+        )
+    return "\n".join(lines)
 
 
 def measure_peft_svd(args, model, adapters, weights, names, rows, module_count) -> Row:
@@ -386,15 +576,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 blocks, 2 adapters, PEFT svd on 1 module")
     parser.add_argument("--layers", type=int, default=None, help="number of blocks (default 32, quick 4)")
-    parser.add_argument("--adapters", type=int, default=None, choices=[2, 3, 4], help="default 4, quick 2")
+    parser.add_argument("--adapters", type=int, default=None, choices=range(2, 9), help="2-8; default 4, quick 2")
     parser.add_argument("--svd-modules", type=int, default=None, help="4096x14336 modules for PEFT svd (0: skip)")
     parser.add_argument("--per-module-samples", type=int, default=4, help="down_proj modules timed per method")
     parser.add_argument("--repeats", type=int, default=3, help="timings per sampled module (the best counts)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--types", default=None, help="comma-separated types to run (default: all), e.g. core_ties")
+    parser.add_argument(
+        "--dense",
+        default=None,
+        help="module shapes for the dense routes of the task-merging types: '1024x4096,4096x14336' (default), "
+        "'1024x4096' (quick), 'none'",
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     args.layers = args.layers or (4 if args.quick else 32)
     args.adapters = args.adapters or (2 if args.quick else 4)
     args.svd_modules = args.svd_modules if args.svd_modules is not None else (1 if args.quick else 2)
+    args.types = None if args.types is None else {name.strip() for name in args.types.split(",") if name.strip()}
+    dense = args.dense or ("1024x4096" if args.quick else "1024x4096,4096x14336")
+    args.dense_shapes = set() if dense == "none" else {shape.strip() for shape in dense.split(",")}
 
     import peft
     import transformers
@@ -410,17 +611,51 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     started = time.perf_counter()
-    rows = run(args)
+    rows, task_rows = run(args)
     svd = next((r for r in rows if r.method == "PEFT svd"), None)
-    print()
-    print(
-        f"Mistral-7B shapes, {args.layers} blocks x 7 projections, {args.adapters} adapters of rank {RANK} "
-        f"(slerp: the first 2), float32 factors, CPU:"
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    total = time.perf_counter() - started
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in given:  # no local path in the results
+        del given[given.index("--out") : given.index("--out") + 2]
+    command = "python benchmarks/combination_speed.py " + " ".join(
+        arg for arg in given if not arg.startswith("--out=")
+    )
+    text = "\n".join(
+        [
+            "# Combination speed",
+            "",
+            f"`{command.strip()}`: Mistral-7B shapes, {args.layers} blocks x 7 projections, {args.adapters} adapters "
+            f"of rank {RANK} (slerp: the first 2), float32 factors, CPU ({torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} CPUs, load average {load:.2f} at start, {end_load:.2f} at end); total {total:.0f} s.",
+            "",
+            markdown(rows, svd.per_module if svd else None) if rows else "(no row of the older types selected)",
+            "",
+            "## Task-merging types vs their dense full-space routes",
+            "",
+            task_markdown(task_rows, args) if task_rows else "(no task-merging type selected or registered)",
+            "",
+        ]
     )
     print()
-    print(markdown(rows, svd.per_module if svd else None))
-    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at end {end_load:.2f}")
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = (
+        "combination_speed"
+        + ("-quick" if args.quick else "")
+        + (f"-{args.adapters}-adapters" * (args.adapters != (2 if args.quick else 4)))
+    )
+    (args.out / f"{stem}.md").write_text(text)
+    raw = {
+        "command": command.strip(),
+        "rows": [{k: v for k, v in asdict(r).items() if k != "extra"} for r in rows],
+        "task_rows": [asdict(r) for r in task_rows],
+        "total_seconds": total,
+        "load_average": [load, end_load],
+        "threads": torch.get_num_threads(),
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(f"written: {args.out / f'{stem}.md'}, {args.out / f'{stem}.json'}")
 
 
 if __name__ == "__main__":

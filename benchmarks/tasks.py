@@ -4,12 +4,13 @@ Every example is `BOS TAG x_1 .. x_n SEP y_1 .. y_n EOS` over the digits 0-9, wh
 task's answer. Only the answer tokens (and `EOS`) carry labels, so the loss is the answer's loss and the exact-match
 accuracy is "greedy decoding reproduces the whole answer" (computed in one teacher-forced pass).
 
-The base model is pretrained on a mix of all six tasks with short inputs (3-4 digits), so it is a real shared base
-that knows the format and the skills but fails on longer inputs (transformers do not length-generalize). Each adapter
-then specializes the base on ONE task at the longer length (5-6 digits). The adapters' deltas are modest refinements
-of shared circuitry, as with LoRA adapters of a pretrained LLM, so merging them keeps part of each skill and the
-combination types differ measurably (adapters that teach brand-new skills to a 64-dim model destroy each other in any
-merge, which measures nothing).
+The base model is pretrained on a mix of tasks with short inputs (3-4 digits), so it is a real shared base that
+knows the format and the skills but fails on longer inputs (transformers do not length-generalize). Each adapter then
+specializes the base on ONE task at the longer length (5 digits). The 4-way setting (and its pairs) uses the six
+`BASE_TASKS` for pretraining and four adapters; the 8-way setting (more interference) a base pretrained on all ten
+tasks and eight adapters. The adapters' deltas are modest refinements of shared circuitry, as with LoRA adapters of a
+pretrained LLM, so merging them keeps part of each skill and the combination types differ measurably (adapters that
+teach brand-new skills to a 64-dim model destroy each other in any merge, which measures nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 __all__ = [
     "ADAPTER_TASKS",
+    "ADAPTER_TASKS_8",
+    "BASE_TASKS",
     "PRETRAIN_ONLY_TASKS",
     "TASKS",
     "ModelSize",
@@ -54,6 +57,25 @@ def _rotr(digits: Sequence[int]) -> list[int]:
     return [digits[-1], *digits[:-1]]
 
 
+def _reverse(digits: Sequence[int]) -> list[int]:
+    return list(reversed(digits))
+
+
+def _swap(digits: Sequence[int]) -> list[int]:
+    swapped = list(digits)
+    for i in range(0, len(digits) - 1, 2):
+        swapped[i], swapped[i + 1] = digits[i + 1], digits[i]
+    return swapped
+
+
+def _mul2(digits: Sequence[int]) -> list[int]:
+    return [(2 * d) % 10 for d in digits]
+
+
+def _diff(digits: Sequence[int]) -> list[int]:
+    return [(digits[(i + 1) % len(digits)] - d) % 10 for i, d in enumerate(digits)]
+
+
 # name -> answer function; the tag token of a task is its position in this dict after the digits.
 TASKS: dict[str, Callable[[Sequence[int]], list[int]]] = {
     "copy": list,
@@ -62,6 +84,10 @@ TASKS: dict[str, Callable[[Sequence[int]], list[int]]] = {
     "add3": _add3,
     "pairsum": _pairsum,
     "rotr": _rotr,
+    "reverse": _reverse,
+    "swap": _swap,
+    "mul2": _mul2,
+    "diff": _diff,
 }
 TASK_DESCRIPTIONS = {
     "copy": "repeat the digits",
@@ -70,11 +96,26 @@ TASK_DESCRIPTIONS = {
     "add3": "modular addition: each digit + 3 (mod 10)",
     "pairsum": "modular addition: each digit plus the next one (mod 10)",
     "rotr": "move the last digit to the front",
+    "reverse": "reverse the digits",
+    "swap": "swap neighbouring digits pairwise (the odd last one stays)",
+    "mul2": "modular multiplication: each digit times 2 (mod 10)",
+    "diff": "modular subtraction: the next digit minus each digit (mod 10)",
 }
 PRETRAIN_ONLY_TASKS = ("copy", "rotate")
 ADAPTER_TASKS = ("sort", "add3", "pairsum", "rotr")
+# The base of the 4-way setting and the pairs is pretrained on these six, as in 0.2.0.
+BASE_TASKS = (*PRETRAIN_ONLY_TASKS, *ADAPTER_TASKS)
+# The 8-adapter setting (more interference): the four above and four more of the same kind, on a base pretrained on
+# all ten tasks. Task names become adapter names: none may shadow a `torch.nn.Module` attribute (`double`, `float`).
+ADAPTER_TASKS_8 = (*ADAPTER_TASKS, "reverse", "swap", "mul2", "diff")
 TAG = {name: DIGIT0 + 10 + index for index, name in enumerate(TASKS)}
-VOCAB_SIZE = DIGIT0 + 10 + len(TASKS)
+
+
+def vocab_size(tasks: Sequence[str]) -> int:
+    """The vocabulary of a base pretrained on `tasks` (a prefix of `TASKS`): digits, specials and their tags."""
+    if tuple(tasks) != tuple(TASKS)[: len(tasks)]:
+        raise ValueError(f"The pretraining tasks must be a prefix of {tuple(TASKS)}, got {tuple(tasks)}.")
+    return DIGIT0 + 10 + len(tasks)
 
 
 def encode(task: str, digits: Sequence[int]) -> dict[str, list[int]]:
@@ -93,10 +134,12 @@ class Split:
     test: list[dict[str, list[int]]]
 
 
-def pretraining_mix(lengths: tuple[int, ...], per_length: int, seed: int) -> list[dict[str, list[int]]]:
-    """Examples of every task at the short `lengths` (at most `per_length` distinct strings per task and length)."""
+def pretraining_mix(
+    lengths: tuple[int, ...], per_length: int, seed: int, tasks: Sequence[str] = tuple(TASKS)
+) -> list[dict[str, list[int]]]:
+    """Examples of `tasks` at the short `lengths` (at most `per_length` distinct strings per task and length)."""
     mix = []
-    for task in TASKS:
+    for task in tasks:
         for length in lengths:
             mix += make_splits(task, length, min(per_length, 10**length // 2), 0, 0, seed + 1000 + length).train
     return mix
@@ -127,13 +170,13 @@ class ModelSize:
     intermediate: int = 128
 
 
-def build_base_model(size: ModelSize, seed: int) -> torch.nn.Module:
-    """A randomly initialized tiny Llama causal LM over the task vocabulary."""
+def build_base_model(size: ModelSize, seed: int, tasks: Sequence[str] = tuple(TASKS)) -> torch.nn.Module:
+    """A randomly initialized tiny Llama causal LM over the vocabulary of `tasks` (a prefix of `TASKS`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size(tasks),
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
         num_hidden_layers=size.layers,
