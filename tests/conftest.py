@@ -17,6 +17,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_temp_dir(tmp_path_factory):
+    """Temporary files of the package (e.g. the local copy a failed upload keeps on purpose) go to pytest's own
+    temporary folder, not to the system's, so a test run leaves nothing behind in /tmp."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = previous
+
+
 def tiny_llama_config(num_layers: int = 2, **overrides):
     from transformers import LlamaConfig
 
