@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="Where inputs and outputs go (kept between runs; default: temp).")
+    parser.add_argument("--workers", type=int, default=1, help="peft-merge-ext run --workers (modules at a time)")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergekit-bench-"))
@@ -86,7 +87,16 @@ def main() -> None:
     )  # fmt: skip
     before = {path.name for path in run.iterdir()}
     ours = shared.measure(
-        [str(bin_dir / "peft-merge-ext"), "run", str(config), "--out", str(run / "ours-out"), "--quiet"],
+        [
+            str(bin_dir / "peft-merge-ext"),
+            "run",
+            str(config),
+            "--out",
+            str(run / "ours-out"),
+            "--quiet",
+            "--workers",
+            str(args.workers),
+        ],
         run / "ours.log",
         env,
     )
@@ -96,7 +106,10 @@ def main() -> None:
 
     base_mb = baseline["peak_mb"]
     rows = [("import torch", baseline, 0), ("mergekit", mergekit, cache_bytes), ("peft-merge-ext", ours, 0)]
-    print(f"{args.method} on a {args.size} bf16 Llama with two rank-{args.rank} adapters ({tensors} tensors)")
+    print(
+        f"{args.method} on a {args.size} bf16 Llama with two rank-{args.rank} adapters ({tensors} tensors), "
+        f"peft-merge-ext with --workers {args.workers}"
+    )
     print("| run | wall (s) | peak RSS (MB) | work memory (MB) | cache on disk (MB) |")
     print("|---|---|---|---|---|")
     for name, result, disk in rows:

@@ -243,3 +243,35 @@ def test_an_adapter_with_more_than_lora_factors_is_refused(inputs, capsys):
     assert main(["run", str(config), "--out", str(inputs / "dora-out")]) == 2
     assert "DoRA" in capsys.readouterr().err
     assert not (inputs / "dora-out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "karcher"])
+def test_workers_give_the_same_bytes(merged, tmp_path, method):
+    # Two modules merged at a time on two threads: the same file, byte for byte, and the same per-module report.
+    config = merged / f"{method}-bfloat16.yaml"
+    assert main(["run", str(config), "--out", str(tmp_path / "two"), "--quiet", "--workers", "2"]) == 0
+    expected = merged / f"ours-{method}-bfloat16"
+    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+    table = [line for line in (expected / "README.md").read_text().splitlines() if line.startswith("| `model.")]
+    assert table and table == [
+        line for line in (tmp_path / "two" / "README.md").read_text().splitlines() if line.startswith("| `model.")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "workers", "message"),
+    [
+        ("mergekit", "0", "--workers must be a positive number of threads, got 0."),
+        ("ours", "2", "--workers applies to mergekit configurations only"),
+    ],
+)
+def test_bad_workers_are_refused_before_any_output(inputs, capsys, recipe, workers, message):
+    config = inputs / f"workers-{recipe}.yaml"
+    if recipe == "mergekit":
+        config.write_text("models:\n  - model: base+adapters/a\n  - model: base+adapters/b\nmerge_method: linear\n")
+    else:
+        config.write_text("base: base\nadapters: [{path: adapters/a, weight: 0.5}]\nmethod: weighted\n")
+    assert main(["run", str(config), "--out", str(inputs / "workers-out"), "--workers", workers]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+    assert not (inputs / "workers-out").exists()

@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Output folder of the last step, overriding the recipe's; for a mergekit configuration (default: "
         "merged, next to it).",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mergekit configurations: merge N modules at a time on N threads (default 1: least memory; more is "
+        "faster on several cores, at about N times the working memory).",
+    )
 
     upload = commands.add_parser("upload", help="Upload a merged folder (e.g. after a failed push).")
     upload.add_argument("folder", help="The folder to upload.")
@@ -271,6 +279,13 @@ def _command_run(args: argparse.Namespace) -> int:
 
         problems = run_mergekit_file(args, data, source_dir, _output_problems, _print_result)
         return EXIT_BAD_INPUT if problems else 0
+    if args.workers != 1:
+        from ..errors import MergeInputError
+
+        raise MergeInputError(
+            f"--workers applies to mergekit configurations only; {args.recipe} is a peft-merge-ext recipe (its "
+            "merges stream one module at a time). Remove --workers."
+        )
     recipe = load_recipe(Path(args.recipe))
     if args.out is not None:  # relative to where the command runs, like every command-line path
         recipe.steps[-1].output = str(Path(args.out).absolute())

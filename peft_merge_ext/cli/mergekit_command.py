@@ -26,6 +26,10 @@ def run_mergekit_file(
     """
     from ..publish.mergekit_config import parse_mergekit_config
 
+    if args.workers < 1:
+        from ..errors import MergeInputError
+
+        raise MergeInputError(f"--workers must be a positive number of threads, got {args.workers}.")
     config = parse_mergekit_config(data, source_dir)
     out = Path(args.out).absolute() if args.out is not None else (source_dir or Path.cwd()) / "merged"
     if args.dry_run:
@@ -45,6 +49,7 @@ def run_mergekit_file(
         device=args.device,
         allow_pickle=args.allow_pickle,
         inputs=[args.recipe],
+        workers=args.workers,
     )
     print_result(result)
     return 0

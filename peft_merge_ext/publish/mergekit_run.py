@@ -12,7 +12,7 @@ base, every parameter for every tensor) before the output folder exists.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,9 @@ class _MergekitWeights:
         module = self.plan.source.module(self.plan.targets[key], self.plan.transpose[key])
         return self.config.resolve(key, _position(module.layer_index, self.layers))
 
-    def __call__(self, key: str, weight: Any) -> Any:
+    def prepare(self, key: str, weight: Any) -> Callable[[], tuple[Any, Any]]:
+        """Read what the targeted weight `key` needs (here, in the calling thread) and return the job that merges it:
+        `job() -> (merged tensor, ModuleReport)`, pure computation, safe to run in a worker thread."""
         from ..engine.report import ModuleReport
 
         torch = self.torch
@@ -61,23 +63,25 @@ class _MergekitWeights:
         weight = weight.to(plan.device)
         work_dtype = self.work_dtype or weight.dtype
         exact = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        inputs, touched = [], 0
-        for adapter in self.adapter_names:
-            value = weight
-            delta = module.read(adapter) if adapter is not None else None
-            if delta is not None:
-                touched += 1
-                dense = delta.B.to(exact) @ delta.A.to(exact)
-                dense = (dense.T if module.transpose else dense).reshape(weight.shape)
-                value = dense.add_(weight).to(weight.dtype)  # W + D in float32, one rounding, as merge_and_unload
-                del dense
-            inputs.append(value.to(work_dtype))
-            del value
-        merged = self._merge(key, inputs)
-        del inputs
-        stats = {"inputs": len(self.adapter_names), "adapters": touched}
-        self.modules.append(ModuleReport(module.name, module.layer_index, stats))
-        return merged
+        deltas = [module.read(adapter) if adapter is not None else None for adapter in self.adapter_names]
+
+        def job() -> tuple[Any, Any]:
+            inputs = []
+            for delta in deltas:
+                value = weight
+                if delta is not None:
+                    dense = delta.B.to(exact) @ delta.A.to(exact)
+                    dense = (dense.T if module.transpose else dense).reshape(weight.shape)
+                    value = dense.add_(weight).to(weight.dtype)  # W + D in float32, one rounding, as merge_and_unload
+                    del dense
+                inputs.append(value.to(work_dtype))
+                del value
+            merged = self._merge(key, inputs)
+            touched = sum(delta is not None for delta in deltas)
+            stats = {"inputs": len(self.adapter_names), "adapters": touched}
+            return merged, ModuleReport(module.name, module.layer_index, stats)
+
+        return job
 
     def _merge(self, key: str, inputs: list[Any]) -> Any:
         shared, per_model = self.parameters[key] if key in self.parameters else self._untouched_parameters(key)
@@ -89,34 +93,71 @@ class _MergekitWeights:
         layer = FactorModule(key, "linear", (0, 0), lambda _: None, self.plan.device, self.torch.float32).layer_index
         return self.config.resolve(key, _position(layer, self.layers))
 
-    def shared(self, key: str, weight: Any) -> Any:
-        """A tensor no adapter touches, through the method with every input equal to the base's value."""
+    def shared(self, key: str, weight: Any) -> Callable[[], tuple[Any, None]]:
+        """The job for a tensor no adapter touches: the method with every input equal to the base's value."""
         work = weight.to(self.plan.device).to(self.work_dtype or weight.dtype)
-        return self._merge(key, [work] * len(self.config.inputs))
+        return lambda: (self._merge(key, [work] * len(self.config.inputs)), None)
 
 
-def _items(plan: Any, weights: _MergekitWeights, out_dtype: Any) -> Iterator[tuple[Any, Any]]:
+def _items(plan: Any, weights: _MergekitWeights, out_dtype: Any, workers: int) -> Iterator[tuple[Any, Any]]:
     """`(spec, tensor or CopyFromFile)` in storage order: targeted weights merged, the others as the base has them.
 
     Except for `karcher`: its iteration runs in the working dtype, so mergekit's result for a tensor every input
     shares is the base's only up to a few units in the last place; such tensors go through the method as well.
+
+    With `workers == 1` everything runs in this thread, one tensor at a time (the least memory). With more, reading
+    stays here and the merges run on `workers` threads (TIES' magnitude sort is single-threaded, so two workers use
+    two cores), at most `workers` tensors ahead of the writer, results in order. The per-module reports are appended
+    to `weights.modules` in storage order either way.
     """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from contextlib import nullcontext
+
     from ..checkpoint.base_checkpoint import CopyFromFile
 
     checkpoint = plan.checkpoint
     recompute = weights.config.method == "karcher"
-    for tensor, spec in zip(checkpoint.tensors, checkpoint.specs(out_dtype), strict=True):
-        shared = recompute and tensor.dtype.is_floating_point
-        as_stored = spec.dtype == tensor.dtype and tensor.data_offset is not None
-        if tensor.name not in plan.targets and not shared and as_stored:
-            yield spec, CopyFromFile(tensor.file, tensor.data_offset)
-            continue
-        value = checkpoint.read(tensor)
-        if tensor.name in plan.targets:
-            value = weights(tensor.name, value)
-        elif shared:
-            value = weights.shared(tensor.name, value)
-        yield spec, value.to(spec.dtype)
+    ahead = workers if workers > 1 else 0
+
+    def finished(spec: Any, item: Any) -> tuple[Any, Any]:
+        if not isinstance(item, (Future, tuple)):
+            return spec, item
+        merged, module_report = item.result() if isinstance(item, Future) else item
+        if module_report is not None:
+            weights.modules.append(module_report)
+        return spec, merged.to(spec.dtype)
+
+    threads = ThreadPoolExecutor(workers, thread_name_prefix="peft-merge-ext-mergekit") if ahead else nullcontext()
+    with threads as pool:
+
+        def run(job: Callable[[], tuple[Any, Any]]) -> Any:
+            return pool.submit(job) if pool is not None else job()
+
+        pending: deque[tuple[Any, Any]] = deque()
+        try:
+            for tensor, spec in zip(checkpoint.tensors, checkpoint.specs(out_dtype), strict=True):
+                shared = recompute and tensor.dtype.is_floating_point
+                as_stored = spec.dtype == tensor.dtype and tensor.data_offset is not None
+                if tensor.name not in plan.targets and not shared and as_stored:
+                    pending.append((spec, CopyFromFile(tensor.file, tensor.data_offset)))
+                else:
+                    value = checkpoint.read(tensor)
+                    if tensor.name in plan.targets:
+                        pending.append((spec, run(weights.prepare(tensor.name, value))))
+                    elif shared:
+                        pending.append((spec, run(weights.shared(tensor.name, value))))
+                    else:
+                        pending.append((spec, value.to(spec.dtype)))
+                    del value
+                while len(pending) > ahead:
+                    yield finished(*pending.popleft())
+            while pending:
+                yield finished(*pending.popleft())
+        finally:
+            for _, item in pending:  # a failure or an interrupted generator: drop what was not started
+                if isinstance(item, Future):
+                    item.cancel()
 
 
 def _public_config(config: MergekitConfig) -> dict[str, Any]:
@@ -148,6 +189,7 @@ def run_mergekit_config(
     allow_pickle: bool = False,
     max_shard_size: int | str = "5GB",
     inputs: Sequence[str | Path] = (),
+    workers: int = 1,
 ) -> Any:
     """Merge as mergekit would, streaming, and write the merged model to `out`.
 
@@ -155,6 +197,9 @@ def run_mergekit_config(
         config (`MergekitConfig`): The validated configuration (`mergekit_config.parse_mergekit_config`).
         out (`str` or `Path`): The output folder (must not exist or be empty unless `overwrite`).
         overwrite, quiet, device, allow_pickle, max_shard_size, inputs: As in `merge_checkpoint`.
+        workers (`int`, defaults to 1): Modules merged at a time, on that many threads. TIES' magnitude sort runs on
+            one core, so 2 workers on 2 cores roughly halve a `ties` run, at about twice the working memory; the
+            result is the same bytes.
 
     Returns:
         `CheckpointMergeResult`: The folder, files and `MergeInfo`.
@@ -167,6 +212,10 @@ def run_mergekit_config(
     from .merge_checkpoint import CheckpointMergeResult
     from .output import stream_weights, write_card, write_manifest
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        from ..errors import MergeInputError
+
+        raise MergeInputError(f"workers must be a positive number of threads, got {workers!r}.")
     started = time.perf_counter()
     out_dtype = parse_dtype(config.out_dtype or config.dtype)
     plan = plan_checkpoint_merge(
@@ -191,8 +240,8 @@ def run_mergekit_config(
     infos = [plan.source.describe(adapter, _scalar_weight(config, folder)) for folder, adapter in pairs]
     with output_folder(out, overwrite=overwrite, inputs=owned) as folder:
         specs = plan.checkpoint.specs(out_dtype)
-        # Written in this thread, one tensor at a time: computing dominates, and no queue of results builds up.
-        items = _items(plan, weights, out_dtype)
+        # Merged here one tensor at a time, or on `workers` threads, written here in storage order.
+        items = _items(plan, weights, out_dtype, workers)
         files = stream_weights(folder, specs, items, max_shard_size, quiet=quiet, background=False)
         report = MergeReport(
             combination_type=f"mergekit_{config.method}",
