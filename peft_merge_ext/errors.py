@@ -54,3 +54,17 @@ class HubUploadError(PeftMergeExtError, RuntimeError):
 
 class EvaluationInputError(PeftMergeExtError, ValueError):
     """An eval set or search objective is unusable (no tokenizer for text, no scored tokens, wrong type...)."""
+
+
+def short_repr(value: object, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages that quote user input. Nested values are cut
+    while they are printed (`reprlib`), never printed whole first: a YAML alias bomb stays cheap to quote."""
+    import reprlib
+
+    if isinstance(value, BaseException):
+        text = str(value)
+    else:
+        short = reprlib.Repr()
+        short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+        text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

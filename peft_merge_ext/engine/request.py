@@ -14,7 +14,13 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AdapterCompatibilityError, CombinationError, MergeInputError, UnknownCombinationTypeError
+from ..errors import (
+    AdapterCompatibilityError,
+    CombinationError,
+    MergeInputError,
+    UnknownCombinationTypeError,
+    short_repr,
+)
 
 __all__ = [
     "PEFT_ONLY_ARGUMENTS",
@@ -311,17 +317,3 @@ def _check_options(options: Mapping[str, Any], accepted: Collection[str], owner:
         f"Unknown option(s) {', '.join(short_repr(key) for key in unknown[:5])} for {owner}; it accepts: "
         f"{', '.join(sorted(accepted)) or 'none'}.{hint}"
     )
-
-
-def short_repr(value: Any, limit: int = 200) -> str:
-    """`repr(value)` cut to `limit` characters, for error messages that quote user input. Nested values are cut
-    while they are printed (`reprlib`), never printed whole first: a YAML alias bomb stays cheap to quote."""
-    import reprlib
-
-    if isinstance(value, BaseException):
-        text = str(value)
-    else:
-        short = reprlib.Repr()
-        short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
-        text = short.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,11 +14,12 @@ option.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
-from ..errors import MergeInputError
+from ..errors import MergeInputError, short_repr
 
 __all__ = [
     "SERVING_OPTIONS",
@@ -36,8 +37,6 @@ SERVING_OPTIONS = ("svd_energy", "uniform_rank")
 
 
 def _quote(value: Any) -> str:
-    from .request import short_repr
-
     return short_repr(value, 80)
 
 
@@ -132,8 +131,6 @@ def snap_to_uniform_rank(merged: list[Any], request: Any, report: Any) -> list[A
     Raises:
         `MergeInputError`: When a module needs a rank above every allowed one.
     """
-    from .combine import MergedModule
-
     allowed = request.uniform_rank
     needed = max((m.delta.rank for m in merged), default=1)
     fitting = [rank for rank in allowed if rank >= needed]
@@ -149,4 +146,4 @@ def snap_to_uniform_rank(merged: list[Any], request: Any, report: Any) -> list[A
         stats = report.modules[module.module.name].stats
         stats["content_rank"] = module.delta.rank
         stats["rank"] = rank
-    return [MergedModule(m.module, pad_delta(m.delta, rank)) for m in merged]
+    return [dataclasses.replace(m, delta=pad_delta(m.delta, rank)) for m in merged]
