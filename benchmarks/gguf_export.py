@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from checkpoint_merge import SIZES, TARGETS, build_inputs, folder_bytes, measure
+from checkpoint_merge import SIZES, TARGETS, USUAL_PATH, build_inputs, folder_bytes, measure
 from gguf_oracle import converter_available, converter_command, train_tokenizer
 
 SIZES.setdefault(
@@ -44,24 +44,6 @@ SIZES.setdefault(
         "vocab_size": 32000,
     },
 )
-USUAL_MERGE = """
-import shutil, sys, torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base, first, second, out = sys.argv[1:5]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-model = PeftModel.from_pretrained(model, first, adapter_name="a")
-model.load_adapter(second, adapter_name="b")
-model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="cat")
-model.set_adapter("ab")
-merged = model.merge_and_unload(adapter_names=["ab"])
-merged.save_pretrained(out)
-for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    try:
-        shutil.copyfile(f"{base}/{name}", f"{out}/{name}")
-    except FileNotFoundError:
-        pass
-"""
 
 
 def max_tensor_difference(first: Path, second: Path) -> tuple[float, int]:
@@ -123,10 +105,13 @@ def main() -> None:
         logs / "streamed.log",
     )
     runs["usual 1/2: merge_and_unload + save_pretrained"] = measure(
-        [python, "-c", USUAL_MERGE, str(base), str(first), str(second), str(workdir / "usual-merged")],
+        [python, "-c", USUAL_PATH, str(base), str(first), str(second), str(workdir / "usual-merged")],
         logs / "usual-merge.log",
         env=plain_env,
     )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the converter needs them
+        if (base / name).is_file():
+            shutil.copyfile(base / name, workdir / "usual-merged" / name)
     runs["usual 2/2: convert_hf_to_gguf.py"] = measure(
         converter_command([(workdir / "usual-merged", workdir / "usual.gguf", kind, "llama-bpe")]),
         logs / "usual-convert.log",

@@ -90,6 +90,7 @@ class GGUFFileWriter:
         self._next = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="gguf-convert")
         self._opened = False
+        self._created = False  # this writer created `path` (so it may delete it on failure)
         self._finished = False
 
     def check_name(self, name: str) -> TensorSpec:
@@ -119,6 +120,7 @@ class GGUFFileWriter:
         if self._opened:
             return
         try:
+            self._created = True
             self._writer.write_header_to_file(path=self.path)
             self._writer.write_kv_data_to_file()
             self._writer.write_ti_data_to_file()
@@ -226,10 +228,11 @@ class GGUFFileWriter:
         return [self.path.name]
 
     def close(self) -> None:
-        """Close the file; before a successful `finish`, also delete it. Safe to call more than once."""
+        """Close the file; before a successful `finish`, also delete it if this writer created it. Safe to call more
+        than once."""
         self._pool.shutdown(wait=True)
         self._writer.close()
-        if not self._finished:
+        if self._created and not self._finished:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> GGUFFileWriter:
